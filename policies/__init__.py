@@ -1,0 +1,1 @@
+"""Sampling policies: one module per policy family, found by `type:` name through the registry."""

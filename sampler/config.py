@@ -1,0 +1,246 @@
+"""The one typed configuration model: YAML in, `${VAR}` substituted, validated, every error naming its key path."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from sampler.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {
+    None: 1.0,
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Durations as the OTel Collector writes them ("30s", "500ms", "1m") or plain seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 500ms, 2m)")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_endpoint(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"endpoint {value!r} must be host:port")
+    return value
+
+
+Endpoint = Annotated[str, BeforeValidator(lambda v: _check_endpoint(str(v)))]
+
+
+class OTLPHTTPReceiverConfig(Model):
+    endpoint: Endpoint = "127.0.0.1:4318"
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+
+
+class OTLPReceiversConfig(Model):
+    http: OTLPHTTPReceiverConfig | None = OTLPHTTPReceiverConfig()
+
+
+class ReceiversConfig(Model):
+    otlp: OTLPReceiversConfig = OTLPReceiversConfig()
+
+
+class DecisionCacheConfig(Model):
+    sampled_cache_size: int = Field(default=100_000, ge=0)
+    non_sampled_cache_size: int = Field(default=100_000, ge=0)
+
+
+class TailSamplingConfig(Model):
+    """The OTel Collector's `tail_sampling` block, plus tailgate's buffer limits."""
+
+    decision_wait: Seconds = 30.0
+    decision_wait_after_root_received: Seconds = 2.0
+    num_traces: int = Field(default=50_000, gt=0)
+    max_spans_per_trace: int = Field(default=10_000, gt=0)
+    max_buffered_spans: int = Field(default=2_000_000, gt=0)
+    decision_tick: PositiveSeconds = 0.05
+    record_policy: bool = True
+    decision_cache: DecisionCacheConfig = DecisionCacheConfig()
+    # Validated by the policy registry, which knows each type's parameters.
+    policies: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class RetryConfig(Model):
+    """As the OTel Collector's `retry_on_failure`."""
+
+    enabled: bool = True
+    initial_interval: Seconds = 1.0
+    max_interval: Seconds = 30.0
+    max_elapsed_time: Seconds = 300.0
+    multiplier: float = Field(default=1.5, ge=1.0)
+
+
+class BatchConfig(Model):
+    send_batch_size: int = Field(default=8192, gt=0)
+    timeout: Seconds = 0.2
+    # Spans waiting in the exporter (batched and in flight) before new ones are dropped and counted.
+    queue_size: int = Field(default=500_000, gt=0)
+    num_consumers: int = Field(default=4, gt=0)
+
+
+class OTLPHTTPExporterConfig(Model):
+    type: Literal["otlp_http"] = "otlp_http"
+    endpoint: str
+    headers: dict[str, str] = Field(default_factory=dict)
+    compression: Literal["gzip", "none"] = "gzip"
+    timeout: PositiveSeconds = 10.0
+    retry_on_failure: RetryConfig = RetryConfig()
+    batch: BatchConfig = BatchConfig()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class FileExporterConfig(Model):
+    type: Literal["file"] = "file"
+    path: str
+    batch: BatchConfig = BatchConfig(send_batch_size=1024, timeout=0.5)
+
+
+ExporterConfig = Annotated[OTLPHTTPExporterConfig | FileExporterConfig, Field(discriminator="type")]
+EXPORTER_TYPES: dict[str, type[OTLPHTTPExporterConfig] | type[FileExporterConfig]] = {
+    "otlp_http": OTLPHTTPExporterConfig,
+    "file": FileExporterConfig,
+}
+
+
+class AdminConfig(Model):
+    endpoint: Endpoint = "127.0.0.1:8888"
+
+
+class Config(Model):
+    receivers: ReceiversConfig = ReceiversConfig()
+    tail_sampling: TailSamplingConfig = TailSamplingConfig()
+    # Keyed `type` or `type/name` as in the OTel Collector, e.g. `otlp_http/backend`.
+    exporters: dict[str, ExporterConfig] = Field(min_length=1)
+    admin: AdminConfig = AdminConfig()
+    shutdown_timeout: Seconds = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("exporters", mode="before")
+    @classmethod
+    def _exporter_types(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        typed: dict[str, Any] = {}
+        for key, block in value.items():
+            kind = str(key).split("/", 1)[0]
+            if kind not in EXPORTER_TYPES:
+                raise ValueError(
+                    f"exporter {key!r}: unknown type {kind!r} (known: {', '.join(EXPORTER_TYPES)})"
+                )
+            typed[key] = {**(block or {}), "type": kind}
+        return typed
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(value: Any, path: str) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in string values; `$$` is a literal `$`."""
+    if isinstance(value, dict):
+        return {k: _substitute(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path}: environment variable {name} is not set")
+
+    return _VAR.sub(replace, value)
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """('tail_sampling', 'policies', 2, 'latency') -> 'tail_sampling.policies[2].latency'."""
+    if len(loc) > 2 and loc[0] == "exporters" and loc[2] in EXPORTER_TYPES:
+        loc = loc[:2] + loc[3:]  # drop the discriminator pydantic adds to the path
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.startswith("function-"):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def validation_message(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each `key.path: message`."""
+    lines = []
+    for item in error.errors():
+        path = format_loc(tuple(item["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path and not path.startswith("[") else prefix + path
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '<root>'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate an already-loaded YAML document."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    data = _substitute(data, "")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(validation_message(error)) from None
+    # Imported here: the registry imports policy modules, which only the validated config needs.
+    from policies.registry import build_policies
+
+    build_policies(config.tail_sampling.policies, "tail_sampling.policies")
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, substitute and validate a YAML config file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    return parse_config(data, str(path))

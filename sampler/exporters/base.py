@@ -1,0 +1,28 @@
+"""The Exporter protocol the decider hands kept traces to."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sampler.otlp_wire import SpanGroup
+
+
+class Exporter(Protocol):
+    """A downstream destination for kept spans."""
+
+    name: str
+
+    def export(self, groups: list[SpanGroup], span_count: int) -> None:
+        """Queue spans for sending; returns at once and never blocks the event loop.
+
+        When the exporter's queue is full the spans are refused and counted, never silently lost.
+        """
+        ...
+
+    async def start(self) -> None:
+        """Open connections and start background senders."""
+        ...
+
+    async def shutdown(self, timeout: float) -> None:
+        """Flush everything queued, giving up (and counting the loss) after `timeout` seconds."""
+        ...

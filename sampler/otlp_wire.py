@@ -1,0 +1,180 @@
+"""The OTLP protobuf wire format as tailgate stores and forwards it.
+
+Spans stay in their serialized form from ingest to export: the receiver slices each span's bytes out of
+the request, the buffer keeps them framed as `ScopeSpans.spans` entries, and exporters concatenate them
+into an ExportTraceServiceRequest without re-encoding a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Field tags (field number << 3 | wire type 2) of the messages on the path request → span.
+TAG_RESOURCE_SPANS = 0x0A  # ExportTraceServiceRequest.resource_spans = 1
+TAG_RESOURCE = 0x0A  # ResourceSpans.resource = 1
+TAG_SCOPE_SPANS = 0x12  # ResourceSpans.scope_spans = 2
+TAG_SCHEMA_URL = 0x1A  # ResourceSpans.schema_url = 3, ScopeSpans.schema_url = 3
+TAG_SCOPE = 0x0A  # ScopeSpans.scope = 1
+TAG_SPANS = 0x12  # ScopeSpans.spans = 2
+TAG_ATTRIBUTES = 0x4A  # Span.attributes = 9
+TAG_KEY = 0x0A  # KeyValue.key = 1
+TAG_VALUE = 0x12  # KeyValue.value = 2
+TAG_STRING_VALUE = 0x0A  # AnyValue.string_value = 1
+
+_VARINT_CACHE = [bytes([n]) for n in range(128)]
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode a non-negative int as a protobuf base-128 varint."""
+    if value < 128:
+        return _VARINT_CACHE[value]
+    out = bytearray()
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame(tag: int, payload: bytes) -> bytes:
+    """Encode one length-delimited field: tag, length, payload."""
+    return bytes((tag,)) + encode_varint(len(payload)) + payload
+
+
+def string_attribute(key: str, value: str) -> bytes:
+    """A `Span.attributes` entry (KeyValue with a string AnyValue), ready to append to a span."""
+    any_value = frame(TAG_STRING_VALUE, value.encode())
+    return frame(TAG_ATTRIBUTES, frame(TAG_KEY, key.encode()) + frame(TAG_VALUE, any_value))
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """The resource and instrumentation scope a group of spans shares, in wire form.
+
+    `resource` holds the ResourceSpans fields other than scope_spans (resource, schema_url), `scope` the
+    ScopeSpans fields other than spans (scope, schema_url). Interned by the receiver so that all traces
+    from one service share one object.
+    """
+
+    resource: bytes
+    scope: bytes
+
+
+# A run of spans that share a Scope: (scope, concatenated `ScopeSpans.spans` entries, span count).
+SpanGroup = tuple[Scope, bytes, int]
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    byte = buf[pos]
+    pos += 1
+    value = byte & 0x7F
+    shift = 7
+    while byte & 0x80:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+    return value, pos
+
+
+def iter_fields(buf: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, int, int]]:
+    """The length-delimited fields of a message as (tag, payload start, payload end).
+
+    Scalar fields are skipped. Raises ValueError on a truncated message or a group (wire types 3, 4),
+    which OTLP never uses.
+    """
+    if end is None:
+        end = len(buf)
+    fields: list[tuple[int, int, int]] = []
+    pos = start
+    while pos < end:
+        tag, pos = _read_varint(buf, pos)
+        wire_type = tag & 7
+        if wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            fields.append((tag, pos, pos + length))
+            pos += length
+        elif wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+    if pos != end:
+        raise ValueError("truncated message")
+    return fields
+
+
+def slice_spans(body: bytes) -> list[bytes]:
+    """Each Span's serialized bytes in an ExportTraceServiceRequest, in message order.
+
+    Cheaper than re-serializing every parsed span. Call it only on a body that parsed: the caller checks
+    that the number of slices equals the number of parsed spans.
+    """
+    spans: list[bytes] = []
+    append = spans.append
+    for tag, start, end in iter_fields(body):
+        if tag != TAG_RESOURCE_SPANS:
+            continue
+        for tag2, start2, end2 in iter_fields(body, start, end):
+            if tag2 != TAG_SCOPE_SPANS:
+                continue
+            pos = start2
+            # Inline walk of ScopeSpans: this loop runs once per span.
+            while pos < end2:
+                tag3 = body[pos]
+                pos += 1
+                if tag3 & 0x80:
+                    raise ValueError("unexpected multi-byte tag in ScopeSpans")
+                wire_type = tag3 & 7
+                if wire_type != 2:
+                    if wire_type == 0:
+                        _, pos = _read_varint(body, pos)
+                    elif wire_type == 1:
+                        pos += 8
+                    elif wire_type == 5:
+                        pos += 4
+                    else:
+                        raise ValueError(f"unsupported wire type {wire_type}")
+                    continue
+                byte = body[pos]
+                pos += 1
+                length = byte & 0x7F
+                shift = 7
+                while byte & 0x80:
+                    byte = body[pos]
+                    pos += 1
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                if tag3 == TAG_SPANS:
+                    append(body[pos : pos + length])
+                pos += length
+    return spans
+
+
+def iter_framed(entries: bytes) -> list[bytes]:
+    """Split concatenated `ScopeSpans.spans` entries back into span payloads."""
+    return [entries[start:end] for _, start, end in iter_fields(entries)]
+
+
+def encode_request(groups: list[SpanGroup]) -> bytes:
+    """Build an ExportTraceServiceRequest from span groups, merging groups of the same Scope."""
+    by_resource: dict[bytes, dict[bytes, list[bytes]]] = {}
+    for scope, entries, _ in groups:
+        scopes = by_resource.get(scope.resource)
+        if scopes is None:
+            scopes = by_resource[scope.resource] = {}
+        runs = scopes.get(scope.scope)
+        if runs is None:
+            scopes[scope.scope] = [entries]
+        else:
+            runs.append(entries)
+    out: list[bytes] = []
+    for resource, scopes in by_resource.items():
+        scope_spans = b"".join(
+            frame(TAG_SCOPE_SPANS, scope + b"".join(runs)) for scope, runs in scopes.items()
+        )
+        out.append(frame(TAG_RESOURCE_SPANS, resource + scope_spans))
+    return b"".join(out)
