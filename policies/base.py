@@ -1,10 +1,10 @@
-"""What every policy sees and returns: the read-only trace view, the decision, and the Policy protocol."""
+"""What every policy sees and returns: the read-only trace view, the decision, the protocols."""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -68,7 +68,8 @@ class ParamsModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# Builds a sub-policy from its config dict; `path` is the key path used in error messages.
+# Builds a sub-policy from its config dict. `path` is relative to the parent's parameter block
+# (e.g. "and_sub_policy[0]"); the registry prefixes the parent's own key path for error messages.
 SubPolicyBuilder = Callable[[dict[str, Any], str], "Policy"]
 
 
@@ -86,9 +87,17 @@ class Policy(Protocol):
 
 
 class PolicyType(Protocol):
-    """A policy class as the registry sees it: its config `type:` name, parameters and constructor."""
+    """A policy class as the registry sees it: its `type:` name, parameters and constructor.
 
-    type_name: ClassVar[str]
-    Params: ClassVar[type[ParamsModel]]
+    Implementations declare `type_name: ClassVar[str]` and `Params: ClassVar[type[ParamsModel]]`;
+    the protocol spells them as read-only properties because mypy never matches a class object
+    against ClassVar protocol members.
+    """
+
+    @property
+    def type_name(self) -> str: ...
+
+    @property
+    def Params(self) -> type[ParamsModel]: ...
 
     def __call__(self, name: str, params: Any, build_sub: SubPolicyBuilder) -> Policy: ...

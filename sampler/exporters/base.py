@@ -23,6 +23,6 @@ class Exporter(Protocol):
         """Open connections and start background senders."""
         ...
 
-    async def shutdown(self, timeout: float) -> None:
+    async def shutdown(self, timeout: float) -> None:  # noqa: ASYNC109 - a deadline in seconds is the contract
         """Flush everything queued, giving up (and counting the loss) after `timeout` seconds."""
         ...

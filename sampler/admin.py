@@ -1,0 +1,54 @@
+"""The admin endpoint: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sampler.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class AdminServer:
+    def __init__(self, endpoint: str, metrics: Metrics, is_ready: Callable[[], bool]) -> None:
+        self.endpoint = endpoint
+        self.metrics = metrics
+        self.is_ready = is_ready
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, _, port = self.endpoint.rpartition(":")
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        await site.start()
+        for address in self._runner.addresses:
+            if isinstance(address, tuple):
+                self.port = int(address[1])
+        log.info("admin endpoint on %s:%s", host, self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.is_ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")

@@ -1,0 +1,96 @@
+"""Wiring and lifecycle of one gateway: build the data path from config, start it, drain it on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from policies.registry import build_policies
+from sampler.admin import AdminServer
+from sampler.buffer import DecisionCache, TraceBuffer
+from sampler.config import Config
+from sampler.decider import Decider
+from sampler.exporters import build_exporters
+from sampler.metrics import Metrics
+from sampler.receivers.otlp_http import OTLPHTTPReceiver
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """receivers → buffer → decider → exporters, plus the admin endpoint."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        sampling = config.tail_sampling
+        self.policies = build_policies(sampling.policies, "tail_sampling.policies")
+        attribute_keys = frozenset().union(*(p.attribute_keys for p in self.policies))
+        self.decisions = DecisionCache(
+            sampling.decision_cache.sampled_cache_size,
+            sampling.decision_cache.non_sampled_cache_size,
+        )
+        self.buffer = TraceBuffer(sampling, attribute_keys, self.decisions, time.monotonic)
+        self.exporters = build_exporters(config, self.metrics)
+        self.decider = Decider(
+            self.buffer,
+            self.policies,
+            self.exporters,
+            self.decisions,
+            self.metrics,
+            time.monotonic,
+            sampling.decision_tick,
+            sampling.record_policy,
+        )
+        self.buffer.connect(self.decider.decide, self.decider.forward_late)
+        self.metrics.watch_buffer(
+            lambda: len(self.buffer.traces),
+            lambda: self.buffer.span_count,
+            lambda: self.buffer.byte_count,
+        )
+        self.receivers: list[OTLPHTTPReceiver] = []
+        http = config.receivers.otlp.http
+        if http is not None:
+            self.receivers.append(
+                OTLPHTTPReceiver(http, self.buffer, self.metrics, self.decider.count_late)
+            )
+        self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
+        self.ready = False
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.admin.start()
+        for exporter in self.exporters:
+            await exporter.start()
+        self.decider.start()
+        for receiver in self.receivers:
+            await receiver.start()
+        self.ready = True
+        log.info("tailgate ready: %d policies, %d exporters", len(self.policies), len(self.exporters))
+
+    async def stop(self) -> None:
+        """Stop accepting, decide every buffered trace now, flush exporters within shutdown_timeout."""
+        self.ready = False
+        for receiver in self.receivers:
+            await receiver.stop()
+        buffered = len(self.buffer.traces)
+        await self.decider.stop()
+        log.info("decided %d buffered traces at shutdown; flushing exporters", buffered)
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        for exporter in self.exporters:
+            await exporter.shutdown(max(0.0, deadline - time.monotonic()))
+        await self.admin.stop()
+        self._stopped.set()
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await self.start()
+        await stop_requested.wait()
+        log.info("shutdown requested")
+        await self.stop()

@@ -1,0 +1,160 @@
+"""The decider: evaluates the policies once per trace at its deadline and hands kept traces to exporters."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from policies.base import Decision, Policy
+from policies.combine import deciding_policy
+from sampler.buffer import DecisionCache, Trace, TraceBuffer
+from sampler.exporters.base import Exporter
+from sampler.metrics import Metrics
+from sampler.otlp_wire import SpanGroup, string_attribute
+
+log = logging.getLogger(__name__)
+
+# Traces decided per slice of the tick loop before yielding to the event loop, so a burst of due
+# traces does not stall ingest.
+_DECIDE_SLICE = 2000
+
+
+class Decider:
+    """Applies policies to due traces, records decisions, forwards kept spans."""
+
+    def __init__(
+        self,
+        buffer: TraceBuffer,
+        policies: Sequence[Policy],
+        exporters: Sequence[Exporter],
+        decisions: DecisionCache,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        tick: float,
+        record_policy: bool,
+    ) -> None:
+        self.buffer = buffer
+        self.policies = list(policies)
+        self.exporters = list(exporters)
+        self.decisions = decisions
+        self.metrics = metrics
+        self.clock = clock
+        self.tick = tick
+        self.record_policy = record_policy
+        self._policy_attribute: dict[str, bytes] = {}
+        self._kept_traces = metrics.traces_decided.labels("kept")
+        self._dropped_traces = metrics.traces_decided.labels("dropped")
+        self._kept_spans = metrics.spans_decided.labels("kept")
+        self._dropped_spans = metrics.spans_decided.labels("dropped")
+        self._late_kept = metrics.late_spans.labels("kept")
+        self._late_dropped = metrics.late_spans.labels("dropped")
+        self._task: asyncio.Task[None] | None = None
+
+    def decide(self, traces: list[Trace], reason: str | None = None) -> None:
+        """Decide `traces` now; `reason` names why when it is before their deadline."""
+        now = self.clock()
+        policies = self.policies
+        verdict_counts: Counter[tuple[str, str]] = Counter()
+        kept_groups: list[SpanGroup] = []
+        kept_spans = 0
+        kept_traces = 0
+        dropped_spans = 0
+        observe_delay = self.metrics.decision_delay.observe if reason is None else None
+        for trace in traces:
+            verdicts: list[Decision] = []
+            voters: list[str] = []
+            for policy in policies:
+                try:
+                    verdict = policy.evaluate(trace, now)
+                except Exception:
+                    # A faulty (third-party) policy must not stop the others, as in the OTel Collector.
+                    log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
+                    verdict_counts[(policy.name, "error")] += 1
+                    continue
+                verdict_counts[(policy.name, verdict.value)] += 1
+                verdicts.append(verdict)
+                voters.append(policy.name)
+            deciding = deciding_policy(verdicts)
+            if deciding is not None:
+                kept_by = voters[deciding]
+                self.decisions.record(trace.trace_id, kept_by)
+                kept_groups.extend(trace.span_groups(self._extra(kept_by)))
+                kept_spans += trace.span_count
+                kept_traces += 1
+            else:
+                self.decisions.record(trace.trace_id, None)
+                dropped_spans += trace.span_count
+            if observe_delay is not None:
+                observe_delay(max(0.0, now - trace.deadline))
+        if kept_groups:
+            for exporter in self.exporters:
+                exporter.export(kept_groups, kept_spans)
+        self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_counts)
+
+    def _count(
+        self,
+        decided: int,
+        kept_traces: int,
+        kept_spans: int,
+        dropped_spans: int,
+        reason: str | None,
+        verdict_counts: Counter[tuple[str, str]],
+    ) -> None:
+        # Counted once per batch: prometheus_client takes a lock per increment.
+        if kept_traces:
+            self._kept_traces.inc(kept_traces)
+            self._kept_spans.inc(kept_spans)
+        if decided > kept_traces:
+            self._dropped_traces.inc(decided - kept_traces)
+            self._dropped_spans.inc(dropped_spans)
+        if reason is not None and decided:
+            self.metrics.early_decisions.labels(reason).inc(decided)
+        for (policy_name, verdict), count in verdict_counts.items():
+            self.metrics.policy_decisions.labels(policy_name, verdict).inc(count)
+
+    def _extra(self, policy_name: str) -> bytes:
+        if not self.record_policy:
+            return b""
+        extra = self._policy_attribute.get(policy_name)
+        if extra is None:
+            extra = self._policy_attribute[policy_name] = string_attribute(
+                "tailsampling.policy", policy_name
+            )
+        return extra
+
+    def forward_late(self, groups: list[SpanGroup], span_count: int) -> None:
+        """Send late spans of kept traces straight to the exporters."""
+        for exporter in self.exporters:
+            exporter.export(groups, span_count)
+
+    def count_late(self, kept: int, dropped: int) -> None:
+        if kept:
+            self._late_kept.inc(kept)
+        if dropped:
+            self._late_dropped.inc(dropped)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            due = self.buffer.pop_due(self.clock())
+            for start in range(0, len(due), _DECIDE_SLICE):
+                self.decide(due[start : start + _DECIDE_SLICE])
+                await asyncio.sleep(0)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="tailgate-decider")
+
+    async def stop(self) -> None:
+        """Stop the tick loop and decide everything still buffered."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        remaining = self.buffer.pop_all()
+        for start in range(0, len(remaining), _DECIDE_SLICE):
+            self.decide(remaining[start : start + _DECIDE_SLICE], "shutdown")

@@ -1,0 +1,180 @@
+"""OTLP/HTTP trace receiver: `POST /v1/traces` in protobuf or JSON, optionally gzip-compressed."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+
+from aiohttp import web
+from google.protobuf import json_format
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from sampler.buffer import IngestResult, TraceBuffer
+from sampler.config import OTLPHTTPReceiverConfig
+from sampler.errors import DecodeError
+from sampler.metrics import Metrics
+from sampler.receivers.otlp_decode import decode_json, decode_protobuf
+
+log = logging.getLogger(__name__)
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+PROTOCOL = "otlp_http"
+# google.rpc.Code values used in error replies.
+_INVALID_ARGUMENT = 3
+_RESOURCE_EXHAUSTED = 8
+_EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+
+Decoder = Callable[[bytes], tuple[ExportTraceServiceRequest, list[bytes]]]
+_DECODERS: dict[str, Decoder] = {PROTOBUF: decode_protobuf, JSON: decode_json}
+
+
+class RequestRejected(Exception):
+    """A request answered with an error status before any span was buffered."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class OTLPHTTPReceiver:
+    """The aiohttp server in front of the trace buffer."""
+
+    def __init__(
+        self,
+        config: OTLPHTTPReceiverConfig,
+        buffer: TraceBuffer,
+        metrics: Metrics,
+        count_late: Callable[[int, int], None],
+    ) -> None:
+        self.config = config
+        self.buffer = buffer
+        self.metrics = metrics
+        self.count_late = count_late
+        self._accepted = metrics.received_spans.labels(PROTOCOL, "accepted")
+        self._rejected = metrics.received_spans.labels(PROTOCOL, "rejected")
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def make_app(self) -> web.Application:
+        # client_max_size bounds the body as sent; the decompressed size is checked separately.
+        app = web.Application(client_max_size=self.config.max_request_bytes)
+        app.router.add_post("/v1/traces", self.handle_traces)
+        return app
+
+    async def start(self) -> None:
+        host, _, port = self.config.endpoint.rpartition(":")
+        # Decompression is done here, bounded, instead of by aiohttp's unbounded reader.
+        self._runner = web.AppRunner(self.make_app(), auto_decompress=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        await site.start()
+        self.port = _bound_port(self._runner)
+        log.info("OTLP/HTTP receiver listening on %s:%s", host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting; requests in progress complete first."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def handle_traces(self, request: web.Request) -> web.Response:
+        content_type = request.content_type
+        try:
+            decoder = _DECODERS.get(content_type)
+            if decoder is None:
+                raise RequestRejected(
+                    415,
+                    "unsupported_media_type",
+                    f"unsupported content type {content_type!r}; use {PROTOBUF} or {JSON}",
+                )
+            body = await self._read_body(request)
+            try:
+                parsed, raw_spans = decoder(body)
+            except DecodeError as error:
+                raise RequestRejected(400, "malformed", str(error)) from None
+        except RequestRejected as rejected:
+            self.metrics.rejected_requests.labels(PROTOCOL, rejected.reason).inc()
+            return _error_reply(rejected, content_type)
+        result = self.buffer.add_spans(parsed, raw_spans)
+        self._count(result)
+        return _success_reply(result, content_type)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.max_request_bytes
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestRejected(
+                413, "too_large", f"request body exceeds max_request_bytes ({limit})"
+            ) from None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "deflate"):
+            raise RequestRejected(
+                415, "unsupported_encoding", f"unsupported Content-Encoding {encoding!r}"
+            )
+        # wbits 47 accepts both zlib and gzip headers; max_length stops a decompression bomb early.
+        decompressor = zlib.decompressobj(47 if encoding == "gzip" else zlib.MAX_WBITS)
+        try:
+            plain = decompressor.decompress(body, limit + 1)
+        except zlib.error as error:
+            raise RequestRejected(400, "malformed", f"invalid {encoding} body: {error}") from None
+        if len(plain) > limit:
+            raise RequestRejected(
+                413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})"
+            )
+        if not decompressor.eof:
+            raise RequestRejected(400, "malformed", f"truncated {encoding} body")
+        return plain
+
+    def _count(self, result: IngestResult) -> None:
+        if result.accepted:
+            self._accepted.inc(result.accepted)
+        if result.rejected:
+            self._rejected.inc(result.rejected)
+        if result.late_kept or result.late_dropped:
+            self.count_late(result.late_kept, result.late_dropped)
+
+
+def _success_reply(result: IngestResult, content_type: str) -> web.Response:
+    if not result.rejected:
+        if content_type == JSON:
+            return web.Response(body=b"{}", content_type=JSON)
+        return web.Response(body=_EMPTY_RESPONSE, content_type=PROTOBUF)
+    response = ExportTraceServiceResponse()
+    response.partial_success.rejected_spans = result.rejected
+    response.partial_success.error_message = "; ".join(result.errors)
+    if content_type == JSON:
+        return web.Response(text=json_format.MessageToJson(response, indent=None), content_type=JSON)
+    return web.Response(body=response.SerializeToString(), content_type=PROTOBUF)
+
+
+def _error_reply(rejected: RequestRejected, content_type: str) -> web.Response:
+    """An OTLP error reply: a google.rpc.Status in the request's encoding (JSON when unknown)."""
+    code = _RESOURCE_EXHAUSTED if rejected.status == 413 else _INVALID_ARGUMENT
+    status = Status(code=code, message=rejected.message)
+    if content_type == PROTOBUF:
+        return web.Response(
+            status=rejected.status, body=status.SerializeToString(), content_type=PROTOBUF
+        )
+    return web.Response(
+        status=rejected.status,
+        text=json_format.MessageToJson(status, indent=None),
+        content_type=JSON,
+    )
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("receiver is not bound")

@@ -1,0 +1,153 @@
+"""Shared fixtures: a real OTLP/HTTP downstream, in-process gateways on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from sampler.app import Gateway
+from sampler.config import parse_config
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Downstream:
+    """An OTLP/HTTP backend on loopback that decodes every request it gets with opentelemetry-proto."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/traces"
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.requests.append(ExportTraceServiceRequest.FromString(body))
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/traces", self._handle)
+        # Decompressed here, to check what the gateway put on the wire.
+        self.runner = web.AppRunner(app, access_log=None, auto_decompress=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def spans(self) -> list[tuple[Any, Any, Span]]:
+        """Every span received, with its resource and scope."""
+        return [
+            (rs.resource, ss.scope, span)
+            for request in self.requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
+
+    def spans_by_trace(self) -> dict[bytes, list[Span]]:
+        traces: dict[bytes, list[Span]] = {}
+        for _, _, span in self.spans():
+            traces.setdefault(span.trace_id, []).append(span)
+        return traces
+
+
+@pytest.fixture
+async def downstream() -> AsyncIterator[Downstream]:
+    server = Downstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def gateway_config(downstream: Downstream | None, **sampling: Any) -> dict[str, Any]:
+    """A config dict for a test gateway: free ports, short windows, the given tail_sampling keys."""
+    tail_sampling: dict[str, Any] = {
+        "decision_wait": "1s",
+        "decision_wait_after_root_received": "0.2s",
+        "decision_tick": "0.02s",
+        "policies": [{"name": "all", "type": "always_sample"}],
+    }
+    tail_sampling.update(sampling)
+    exporters: dict[str, Any] = {}
+    if downstream is not None:
+        exporters["otlp_http"] = {
+            "endpoint": downstream.endpoint,
+            "compression": "gzip",
+            "batch": {"timeout": "0.02s"},
+            "retry_on_failure": {"initial_interval": "0.05s", "max_interval": "0.2s"},
+        }
+    return {
+        "receivers": {"otlp": {"http": {"endpoint": f"127.0.0.1:{free_port()}"}}},
+        "admin": {"endpoint": f"127.0.0.1:{free_port()}"},
+        "tail_sampling": tail_sampling,
+        "exporters": exporters,
+        "shutdown_timeout": "5s",
+    }
+
+
+GatewayFactory = Callable[[dict[str, Any]], Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    async def start(config: dict[str, Any]) -> Gateway:
+        gateway = Gateway(parse_config(config))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway.ready:
+            await gateway.stop()
+
+
+def receiver_url(gateway: Gateway) -> str:
+    return f"http://127.0.0.1:{gateway.receivers[0].port}/v1/traces"
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    value = gateway.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def wait_for(
+    condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll until `condition()` holds; fails the test after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,128 @@
+"""Bad input on the OTLP/HTTP receiver: each kind gets its status and a message; serving goes on."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import aiohttp
+import pytest
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
+from tests.test_end_to_end import make_request, otlp_json
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+JSON = {"Content-Type": "application/json"}
+
+
+async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as reply:
+        return reply.status, reply.content_type, await reply.read()
+
+
+async def assert_still_serving(url: str, downstream: Downstream) -> None:
+    request = make_request(traces=1, spans_per_trace=2)
+    status, _, _ = await post(url, request.SerializeToString(), PROTOBUF)
+    assert status == 200
+    trace_id = request.resource_spans[0].scope_spans[0].spans[0].trace_id
+    await wait_for(lambda: trace_id in downstream.spans_by_trace())
+
+
+def status_message(content_type: str, body: bytes) -> str:
+    if content_type == "application/x-protobuf":
+        return Status.FromString(body).message
+    return str(json.loads(body)["message"])
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "reason", "message"),
+    [
+        (b"\x0a\xff\xff\x00garbage", PROTOBUF, 400, "malformed", "malformed protobuf"),
+        (b"{not json", JSON, 400, "malformed", "malformed JSON"),
+        (b"[1, 2]", JSON, 400, "malformed", "must be an object"),
+        (b'{"resourceSpans": "nope"}', JSON, 400, "malformed", "invalid OTLP JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, JSON, 400, "malformed", "malformed JSON"),
+        (b"hello", {"Content-Type": "text/plain"}, 415, "unsupported_media_type", "text/plain"),
+        (b"hello", {"Content-Type": "application/x-protobuf", "Content-Encoding": "br"}, 415,
+         "unsupported_encoding", "br"),
+        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xff\xff\xff\xff", {**PROTOBUF, "Content-Encoding": "gzip"}, 400, "malformed",
+         "invalid gzip"),
+        (gzip.compress(b"\x0a\x00" * 1000)[:-12], {**PROTOBUF, "Content-Encoding": "gzip"}, 400,
+         "malformed", "truncated gzip"),
+    ],
+    ids=["protobuf", "json-syntax", "json-array", "json-shape", "json-deep", "media-type",
+         "encoding", "gzip-corrupt", "gzip-truncated"],
+)
+async def test_bad_request_rejected_with_message(
+    start_gateway: GatewayFactory,
+    downstream: Downstream,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
+    reason: str,
+    message: str,
+) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    url = receiver_url(gateway)
+    got_status, content_type, reply = await post(url, body, headers)
+    assert got_status == status
+    assert message in status_message(content_type, reply)
+    assert metric(gateway, "tailgate_receiver_rejected_requests_total", protocol="otlp_http", reason=reason) == 1
+    await assert_still_serving(url, downstream)
+
+
+async def test_body_over_limit_is_413(start_gateway: GatewayFactory, downstream: Downstream) -> None:
+    config = gateway_config(downstream)
+    config["receivers"]["otlp"]["http"]["max_request_bytes"] = 10_000
+    gateway = await start_gateway(config)
+    url = receiver_url(gateway)
+    big = make_request(traces=100, spans_per_trace=5).SerializeToString()
+    assert len(big) > 10_000
+    status, content_type, reply = await post(url, big, PROTOBUF)
+    assert status == 413
+    assert "max_request_bytes" in status_message(content_type, reply)
+    # A gzip bomb: 1 KiB on the wire, far over the limit once decompressed.
+    bomb = gzip.compress(b"\x00" * 5_000_000, 9)
+    assert len(bomb) < 10_000
+    status, content_type, reply = await post(url, bomb, {**PROTOBUF, "Content-Encoding": "gzip"})
+    assert status == 413
+    assert "decompressed body exceeds" in status_message(content_type, reply)
+    assert metric(gateway, "tailgate_receiver_rejected_requests_total", protocol="otlp_http", reason="too_large") == 2
+    await assert_still_serving(url, downstream)
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+async def test_invalid_ids_rejected_in_partial_success(
+    start_gateway: GatewayFactory, downstream: Downstream, encoding: str
+) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    request = make_request(traces=2, spans_per_trace=2)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    good_trace = spans[2].trace_id
+    spans[0].trace_id = b"\x01" * 8  # short
+    spans[1].span_id = bytes(8)  # all zero
+    if encoding == "protobuf":
+        status, _, reply = await post(receiver_url(gateway), request.SerializeToString(), PROTOBUF)
+        response = ExportTraceServiceResponse.FromString(reply)
+        rejected = response.partial_success.rejected_spans
+        message = response.partial_success.error_message
+    else:
+        document = json.loads(otlp_json(request))
+        document["resourceSpans"][0]["scopeSpans"][0]["spans"][2]["spanId"] = "zz-not-hex"
+        status, _, reply = await post(receiver_url(gateway), json.dumps(document).encode(), JSON)
+        partial = json.loads(reply)["partialSuccess"]
+        rejected = int(partial["rejectedSpans"])
+        message = partial["errorMessage"]
+    assert status == 200
+    assert "invalid trace id" in message and "invalid span id" in message
+    if encoding == "protobuf":
+        assert rejected == 2
+        await wait_for(lambda: set(downstream.spans_by_trace()) == {good_trace})
+        assert len(downstream.spans_by_trace()[good_trace]) == 2
+    else:
+        assert rejected == 3
+        await wait_for(lambda: set(downstream.spans_by_trace()) == {good_trace})
+        assert len(downstream.spans_by_trace()[good_trace]) == 1
+    assert metric(gateway, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="rejected") == rejected

@@ -1,0 +1,129 @@
+"""Decision timing: late spans, size limits that force early decisions, root-triggered deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
+from tests.test_end_to_end import make_request
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+ERRORS_ONLY = [{"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}]
+
+
+async def send(url: str, request: ExportTraceServiceRequest) -> None:
+    async with aiohttp.ClientSession() as session, session.post(
+        url, data=request.SerializeToString(), headers=PROTOBUF
+    ) as reply:
+        assert reply.status == 200, await reply.text()
+
+
+def only_child(request: ExportTraceServiceRequest, index: int) -> ExportTraceServiceRequest:
+    """A request holding just span `index` of `request` (same resource and scope)."""
+    single = ExportTraceServiceRequest()
+    single.CopyFrom(request)
+    spans = single.resource_spans[0].scope_spans[0].spans
+    keep = spans[index]
+    del spans[:]
+    spans.append(keep)
+    return single
+
+
+async def test_late_spans_follow_the_decision(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    gateway = await start_gateway(gateway_config(downstream, policies=ERRORS_ONLY))
+    url = receiver_url(gateway)
+    request = make_request(traces=2, spans_per_trace=4, error_every=2)  # trace 0 has an error
+    spans = request.resource_spans[0].scope_spans[0].spans
+    kept_id, dropped_id = spans[0].trace_id, spans[4].trace_id
+    first_part = ExportTraceServiceRequest()
+    first_part.CopyFrom(request)
+    del first_part.resource_spans[0].scope_spans[0].spans[3]  # hold back the kept trace's last span
+    del first_part.resource_spans[0].scope_spans[0].spans[6]  # and the dropped trace's last
+    await send(url, first_part)
+    await wait_for(lambda: len(downstream.spans_by_trace().get(kept_id, [])) == 3)
+    await wait_for(lambda: metric(gateway, "tailgate_traces_decided_total", decision="dropped") == 1)
+
+    await send(url, only_child(request, 3))
+    await send(url, only_child(request, 7))
+    await wait_for(lambda: len(downstream.spans_by_trace().get(kept_id, [])) == 4)
+    await wait_for(lambda: metric(gateway, "tailgate_late_spans_total", decision="dropped") == 1)
+    assert metric(gateway, "tailgate_late_spans_total", decision="kept") == 1
+    assert dropped_id not in downstream.spans_by_trace()
+    late = downstream.spans_by_trace()[kept_id][-1]
+    assert late.span_id == spans[3].span_id
+    assert {kv.key: kv.value.string_value for kv in late.attributes}["tailsampling.policy"] == "errors"
+    assert metric(gateway, "tailgate_buffered_traces") == 0
+
+
+async def test_max_spans_per_trace_decides_at_once(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    config = gateway_config(downstream, decision_wait="60s", max_spans_per_trace=5)
+    config["tail_sampling"]["decision_wait_after_root_received"] = "60s"
+    gateway = await start_gateway(config)
+    request = make_request(traces=1, spans_per_trace=7)
+    trace_id = request.resource_spans[0].scope_spans[0].spans[0].trace_id
+    await send(receiver_url(gateway), request)
+    # Decided at the 5th span; the 6th and 7th follow as late spans. Nothing waits for 60 s.
+    await wait_for(lambda: len(downstream.spans_by_trace().get(trace_id, [])) == 7, timeout=5)
+    assert metric(gateway, "tailgate_traces_decided_early_total", reason="max_spans_per_trace") == 1
+    assert metric(gateway, "tailgate_late_spans_total", decision="kept") == 2
+    assert metric(gateway, "tailgate_buffered_spans") == 0
+
+
+@pytest.mark.parametrize(
+    ("limits", "reason"),
+    [
+        ({"num_traces": 6, "max_buffered_spans": 1000}, "num_traces"),
+        ({"num_traces": 1000, "max_buffered_spans": 24}, "max_buffered_spans"),
+    ],
+)
+async def test_buffer_limits_decide_oldest_early(
+    start_gateway: GatewayFactory, downstream: Downstream, limits: dict[str, int], reason: str
+) -> None:
+    config = gateway_config(downstream, decision_wait="60s", **limits)
+    config["tail_sampling"]["decision_wait_after_root_received"] = "60s"
+    gateway = await start_gateway(config)
+    url = receiver_url(gateway)
+    sent: list[bytes] = []
+    for _ in range(5):  # 5 requests of 3 traces x 4 spans: the buffer holds 6 traces, 24 spans
+        request = make_request(traces=3, spans_per_trace=4)
+        sent.extend(dict.fromkeys(s.trace_id for s in request.resource_spans[0].scope_spans[0].spans))
+        await send(url, request)
+        assert metric(gateway, "tailgate_buffered_spans") <= 24
+        assert metric(gateway, "tailgate_buffered_traces") <= 6
+    early = int(metric(gateway, "tailgate_traces_decided_early_total", reason=reason))
+    assert early == len(sent) - 6 == 9
+    # The oldest went first, and none was lost: they arrive downstream complete.
+    assert set(gateway.buffer.traces) == set(sent[early:])
+    await wait_for(lambda: set(downstream.spans_by_trace()) == set(sent[:early]))
+    await gateway.stop()
+    assert set(downstream.spans_by_trace()) == set(sent)
+    assert all(len(spans) == 4 for spans in downstream.spans_by_trace().values())
+    assert metric(gateway, "tailgate_traces_decided_early_total", reason="shutdown") == 6
+
+
+async def test_root_span_moves_the_deadline_earlier(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    config = gateway_config(downstream, decision_wait="30s", decision_wait_after_root_received="0.2s")
+    gateway = await start_gateway(config)
+    url = receiver_url(gateway)
+    request = make_request(traces=2, spans_per_trace=3)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    with_root, without_root = spans[0].trace_id, spans[3].trace_id
+    del spans[3]  # the second trace's root never comes
+    started = time.monotonic()
+    await send(url, request)
+    await wait_for(lambda: with_root in downstream.spans_by_trace(), timeout=5)
+    assert time.monotonic() - started < 5
+    await asyncio.sleep(0.3)
+    assert without_root not in downstream.spans_by_trace()
+    assert without_root in gateway.buffer.traces
