@@ -53,9 +53,7 @@ class Gateway:
         self.receivers: list[OTLPHTTPReceiver] = []
         http = config.receivers.otlp.http
         if http is not None:
-            self.receivers.append(
-                OTLPHTTPReceiver(http, self.buffer, self.metrics, self.decider.count_late)
-            )
+            self.receivers.append(OTLPHTTPReceiver(http, self.buffer, self.metrics, self.decider.count_late))
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         self.ready = False
         self._stopped = asyncio.Event()

@@ -143,9 +143,7 @@ class DecisionCache:
 
     def __init__(self, sampled_size: int, non_sampled_size: int) -> None:
         self.kept: LRUCache[bytes, str] | None = LRUCache(sampled_size) if sampled_size else None
-        self.dropped: LRUCache[bytes, bool] | None = (
-            LRUCache(non_sampled_size) if non_sampled_size else None
-        )
+        self.dropped: LRUCache[bytes, bool] | None = LRUCache(non_sampled_size) if non_sampled_size else None
 
     def record(self, trace_id: bytes, kept_by: str | None) -> None:
         """Remember a decision; `kept_by` is the keeping policy's name, None for dropped."""
@@ -245,9 +243,7 @@ class TraceBuffer:
             if resource_spans.schema_url:
                 resource_wire += frame(TAG_SCHEMA_URL, resource_spans.schema_url.encode())
             resource_values = (
-                _wanted_values(resource_spans.resource.attributes, self._attribute_keys)
-                if needles
-                else []
+                _wanted_values(resource_spans.resource.attributes, self._attribute_keys) if needles else []
             )
             for scope_spans in resource_spans.scope_spans:
                 scope_wire = b""
@@ -323,9 +319,7 @@ class TraceBuffer:
                             trace.add_attribute(value_key, value)
                         for needle in needles:
                             if needle in raw:
-                                for value_key, value in _wanted_values(
-                                    span.attributes, self._attribute_keys
-                                ):
+                                for value_key, value in _wanted_values(span.attributes, self._attribute_keys):
                                     trace.add_attribute(value_key, value)
                                 break
                     result.accepted += 1
@@ -349,12 +343,12 @@ class TraceBuffer:
     def _enforce_limits(self) -> None:
         """Decide the traces nearest their deadline early while the buffer is over a limit."""
         settings = self.settings
-        for reason, over in (
-            ("num_traces", lambda: len(self.traces) > settings.num_traces),
-            ("max_buffered_spans", lambda: self.span_count > settings.max_buffered_spans),
+        for reason, limit in (
+            ("num_traces", settings.num_traces),
+            ("max_buffered_spans", settings.max_buffered_spans),
         ):
             evicted: list[Trace] = []
-            while over():
+            while (len(self.traces) if reason == "num_traces" else self.span_count) > limit:
                 trace = self._pop_earliest()
                 if trace is None:
                     break
@@ -405,9 +399,7 @@ def _note(errors: list[str], message: str) -> None:
         errors.append(message)
 
 
-def _wanted_values(
-    attributes: Sequence[KeyValue], keys: frozenset[str]
-) -> list[tuple[str, AttributeValue]]:
+def _wanted_values(attributes: Sequence[KeyValue], keys: frozenset[str]) -> list[tuple[str, AttributeValue]]:
     found: list[tuple[str, AttributeValue]] = []
     for attribute in attributes:
         if attribute.key in keys:

@@ -1,4 +1,4 @@
-"""The one typed configuration model: YAML in, `${VAR}` substituted, validated, every error naming its key path."""
+"""The one typed configuration model: YAML in, `${VAR}` substituted, validated, errors naming key paths."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -119,9 +120,7 @@ class Decider:
             return b""
         extra = self._policy_attribute.get(policy_name)
         if extra is None:
-            extra = self._policy_attribute[policy_name] = string_attribute(
-                "tailsampling.policy", policy_name
-            )
+            extra = self._policy_attribute[policy_name] = string_attribute("tailsampling.policy", policy_name)
         return extra
 
     def forward_late(self, groups: list[SpanGroup], span_count: int) -> None:
@@ -150,10 +149,8 @@ class Decider:
         """Stop the tick loop and decide everything still buffered."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
         remaining = self.buffer.pop_all()
         for start in range(0, len(remaining), _DECIDE_SLICE):

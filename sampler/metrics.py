@@ -94,9 +94,7 @@ class Metrics:
             ["decision"],
             registry=r,
         )
-        self.buffered_traces = Gauge(
-            "tailgate_buffered_traces", "Traces waiting for a decision.", registry=r
-        )
+        self.buffered_traces = Gauge("tailgate_buffered_traces", "Traces waiting for a decision.", registry=r)
         self.buffered_spans = Gauge(
             "tailgate_buffered_spans", "Spans waiting for their trace's decision.", registry=r
         )

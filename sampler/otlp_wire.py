@@ -85,6 +85,13 @@ def iter_fields(buf: bytes, start: int = 0, end: int | None = None) -> list[tupl
     """
     if end is None:
         end = len(buf)
+    try:
+        return _iter_fields(buf, start, end)
+    except IndexError:
+        raise ValueError("truncated message") from None
+
+
+def _iter_fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
     fields: list[tuple[int, int, int]] = []
     pos = start
     while pos < end:

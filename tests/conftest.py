@@ -141,9 +141,7 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def wait_for(
-    condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
-) -> None:
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
     """Poll until `condition()` holds; fails the test after `timeout` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -9,7 +9,14 @@ import aiohttp
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
+from tests.conftest import (
+    Downstream,
+    GatewayFactory,
+    gateway_config,
+    metric,
+    receiver_url,
+    wait_for,
+)
 from tests.test_end_to_end import make_request
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -17,9 +24,10 @@ ERRORS_ONLY = [{"name": "errors", "type": "status_code", "status_code": {"status
 
 
 async def send(url: str, request: ExportTraceServiceRequest) -> None:
-    async with aiohttp.ClientSession() as session, session.post(
-        url, data=request.SerializeToString(), headers=PROTOBUF
-    ) as reply:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=request.SerializeToString(), headers=PROTOBUF) as reply,
+    ):
         assert reply.status == 200, await reply.text()
 
 
@@ -34,9 +42,7 @@ def only_child(request: ExportTraceServiceRequest, index: int) -> ExportTraceSer
     return single
 
 
-async def test_late_spans_follow_the_decision(
-    start_gateway: GatewayFactory, downstream: Downstream
-) -> None:
+async def test_late_spans_follow_the_decision(start_gateway: GatewayFactory, downstream: Downstream) -> None:
     gateway = await start_gateway(gateway_config(downstream, policies=ERRORS_ONLY))
     url = receiver_url(gateway)
     request = make_request(traces=2, spans_per_trace=4, error_every=2)  # trace 0 has an error

@@ -43,23 +43,42 @@ def test_shipped_config_is_valid() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda c: c["tail_sampling"]["policies"][1]["latency"].update(threshold_ms=-5),
-         "tail_sampling.policies[1].latency.threshold_ms"),
-        (lambda c: c["tail_sampling"]["policies"][0].update(type="no_such_policy"),
-         "tail_sampling.policies[0].type"),
+        (
+            lambda c: c["tail_sampling"]["policies"][1]["latency"].update(threshold_ms=-5),
+            "tail_sampling.policies[1].latency.threshold_ms",
+        ),
+        (
+            lambda c: c["tail_sampling"]["policies"][0].update(type="no_such_policy"),
+            "tail_sampling.policies[0].type",
+        ),
         (lambda c: c["tail_sampling"].update(decision_wait="soon"), "tail_sampling.decision_wait"),
         (lambda c: c["tail_sampling"].update(num_traces=0), "tail_sampling.num_traces"),
-        (lambda c: c["receivers"]["otlp"]["http"].update(endpoint="nowhere"),
-         "receivers.otlp.http.endpoint"),
-        (lambda c: c["exporters"].update({"otlp_http": {"endpoint": "ftp://x"}}),
-         "exporters.otlp_http.endpoint"),
+        (
+            lambda c: c["receivers"]["otlp"]["http"].update(endpoint="nowhere"),
+            "receivers.otlp.http.endpoint",
+        ),
+        (
+            lambda c: c["exporters"].update({"otlp_http": {"endpoint": "ftp://x"}}),
+            "exporters.otlp_http.endpoint",
+        ),
         (lambda c: c["exporters"].update({"kafka": {}}), "exporters"),
         (lambda c: c.update(unknown_key=1), "unknown_key"),
-        (lambda c: c["receivers"]["otlp"]["http"].update(endpoint="${TAILGATE_TEST_UNSET_VAR}"),
-         "receivers.otlp.http.endpoint: environment variable TAILGATE_TEST_UNSET_VAR"),
+        (
+            lambda c: c["receivers"]["otlp"]["http"].update(endpoint="${TAILGATE_TEST_UNSET_VAR}"),
+            "receivers.otlp.http.endpoint: environment variable TAILGATE_TEST_UNSET_VAR",
+        ),
     ],
-    ids=["policy-param", "policy-type", "duration", "range", "endpoint", "url", "exporter-type",
-         "unknown-key", "env-var"],
+    ids=[
+        "policy-param",
+        "policy-type",
+        "duration",
+        "range",
+        "endpoint",
+        "url",
+        "exporter-type",
+        "unknown-key",
+        "env-var",
+    ],
 )
 def test_check_config_names_the_key_path(tmp_path: Path, mutate: Any, message: str) -> None:
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -104,9 +123,7 @@ async def wait_ready(admin_port: int, process: subprocess.Popen[bytes], timeout:
     raise AssertionError("gateway did not become ready")
 
 
-async def test_sigterm_decides_and_flushes_buffered_traces(
-    tmp_path: Path, downstream: Downstream
-) -> None:
+async def test_sigterm_decides_and_flushes_buffered_traces(tmp_path: Path, downstream: Downstream) -> None:
     config = gateway_config(downstream, decision_wait="300s", decision_wait_after_root_received="300s")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -115,12 +132,12 @@ async def test_sigterm_decides_and_flushes_buffered_traces(
     process = subprocess.Popen([*TAILGATE, "run", "--config", str(path)], cwd=ROOT)
     try:
         await wait_ready(admin_port, process)
-        traces = await asyncio.to_thread(
-            send_sdk_traces, f"http://{http_endpoint}/v1/traces", ["ok"] * 20
-        )
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as reply:
-                text = await reply.text()
+        traces = await asyncio.to_thread(send_sdk_traces, f"http://{http_endpoint}/v1/traces", ["ok"] * 20)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{admin_port}/metrics") as reply,
+        ):
+            text = await reply.text()
         assert "tailgate_buffered_spans 80.0" in text
         assert not downstream.requests
         process.send_signal(signal.SIGTERM)

@@ -105,9 +105,13 @@ def expected_keeps(traces: dict[bytes, tuple[str, int]]) -> set[bytes]:
 
 
 async def drained(gateway: object, traces: int) -> None:
-    await wait_for(lambda: metric(gateway, "tailgate_traces_decided_total", decision="kept")  # type: ignore[arg-type]
-                   + metric(gateway, "tailgate_traces_decided_total", decision="dropped")  # type: ignore[arg-type]
-                   >= traces)
+    await wait_for(
+        lambda: (
+            metric(gateway, "tailgate_traces_decided_total", decision="kept")  # type: ignore[arg-type]
+            + metric(gateway, "tailgate_traces_decided_total", decision="dropped")  # type: ignore[arg-type]
+            >= traces
+        )
+    )
 
 
 async def test_sdk_traces_kept_exactly_by_policies(
@@ -213,7 +217,9 @@ async def test_json_and_gzip_bodies(start_gateway: GatewayFactory, downstream: D
             receiver_url(gateway), data=official, headers={"Content-Type": "application/json"}
         ) as reply:
             assert reply.status == 200
-    expected_errors = {s.trace_id for s in request.resource_spans[0].scope_spans[0].spans if s.status.code == 2}
+    expected_errors = {
+        s.trace_id for s in request.resource_spans[0].scope_spans[0].spans if s.status.code == 2
+    }
     await wait_for(lambda: set(downstream.spans_by_trace()) == expected_errors)
     received = downstream.spans_by_trace()
     assert all(len(spans) == 3 for spans in received.values())
@@ -227,11 +233,13 @@ async def test_shared_example_kept_field_by_field(
 ) -> None:
     gateway = await start_gateway(gateway_config(downstream))
     official = (TESTDATA / "otlp" / "trace.json").read_bytes()
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             receiver_url(gateway), data=official, headers={"Content-Type": "application/json"}
-        ) as reply:
-            assert reply.status == 200
+        ) as reply,
+    ):
+        assert reply.status == 200
     await wait_for(lambda: len(downstream.spans()) == 1)
     resource, scope, span = downstream.spans()[0]
     assert span.trace_id.hex() == "5b8efff798038103d269b633813fc60c"

@@ -78,9 +78,7 @@ class FileExporter(BatchingExporter):
             path.parent.mkdir(parents=True, exist_ok=True)
             return path.open("ab")
         except OSError as error:
-            raise ExportError(
-                f"exporter {self.name}: cannot open {path}: {error.strerror}"
-            ) from None
+            raise ExportError(f"exporter {self.name}: cannot open {path}: {error.strerror}") from None
 
     def _write(self, file: IO[bytes], body: bytes) -> None:
         line = request_to_json(body)

@@ -137,9 +137,7 @@ class OTLPHTTPExporter(BatchingExporter):
                 if failure.delay is not None:
                     delay = failure.delay
                 else:
-                    delay = min(
-                        retry.max_interval, interval * random.uniform(1 - JITTER, 1 + JITTER)
-                    )
+                    delay = min(retry.max_interval, interval * random.uniform(1 - JITTER, 1 + JITTER))
                 interval = min(retry.max_interval, interval * retry.multiplier)
                 elapsed = loop.time() - started
                 # max_elapsed_time 0 retries forever, as in the OTel Collector.
@@ -171,8 +169,7 @@ class OTLPHTTPExporter(BatchingExporter):
             rejected, message = rejected_spans(reply, content_type)
             if rejected > 0 and self._partial_log.allow():
                 log.warning(
-                    "exporter %s: downstream rejected %d of %d spans: %s "
-                    "(%d similar messages suppressed)",
+                    "exporter %s: downstream rejected %d of %d spans: %s (%d similar messages suppressed)",
                     self.name,
                     rejected,
                     span_count,

@@ -119,9 +119,7 @@ class OTLPHTTPReceiver:
         if encoding in ("", "identity"):
             return body
         if encoding not in ("gzip", "deflate"):
-            raise RequestRejected(
-                415, "unsupported_encoding", f"unsupported Content-Encoding {encoding!r}"
-            )
+            raise RequestRejected(415, "unsupported_encoding", f"unsupported Content-Encoding {encoding!r}")
         # wbits 47 accepts both zlib and gzip headers; max_length stops a decompression bomb early.
         decompressor = zlib.decompressobj(47 if encoding == "gzip" else zlib.MAX_WBITS)
         try:
@@ -129,9 +127,7 @@ class OTLPHTTPReceiver:
         except zlib.error as error:
             raise RequestRejected(400, "malformed", f"invalid {encoding} body: {error}") from None
         if len(plain) > limit:
-            raise RequestRejected(
-                413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})"
-            )
+            raise RequestRejected(413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})")
         if not decompressor.eof:
             raise RequestRejected(400, "malformed", f"truncated {encoding} body")
         return plain
@@ -163,9 +159,7 @@ def _error_reply(rejected: RequestRejected, content_type: str) -> web.Response:
     code = _RESOURCE_EXHAUSTED if rejected.status == 413 else _INVALID_ARGUMENT
     status = Status(code=code, message=rejected.message)
     if content_type == PROTOBUF:
-        return web.Response(
-            status=rejected.status, body=status.SerializeToString(), content_type=PROTOBUF
-        )
+        return web.Response(status=rejected.status, body=status.SerializeToString(), content_type=PROTOBUF)
     return web.Response(
         status=rejected.status,
         text=json_format.MessageToJson(status, indent=None),

@@ -21,9 +21,7 @@ from sampler.otlp_wire import Scope, SpanGroup
 
 
 def make_scope(service: str, scope_name: str = "tests") -> Scope:
-    resource = Resource(
-        attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service))]
-    )
+    resource = Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=service))])
     scope = InstrumentationScope(name=scope_name, version="1.0")
     return Scope(
         resource=otlp_wire.frame(otlp_wire.TAG_RESOURCE, resource.SerializeToString()),
@@ -48,9 +46,7 @@ def make_trace(trace_number: int, span_count: int, *, padding: int = 0) -> list[
             end_time_unix_nano=1_700_000_000_000_001_000 + index,
         )
         if padding:
-            span.attributes.append(
-                KeyValue(key="payload", value=AnyValue(string_value="x" * padding))
-            )
+            span.attributes.append(KeyValue(key="payload", value=AnyValue(string_value="x" * padding)))
         if index == 1:
             link = span.links.add()
             link.trace_id = b"\xab" * 16
@@ -60,9 +56,7 @@ def make_trace(trace_number: int, span_count: int, *, padding: int = 0) -> list[
 
 
 def make_group(scope: Scope, spans: list[Span]) -> SpanGroup:
-    entries = b"".join(
-        otlp_wire.frame(otlp_wire.TAG_SPANS, span.SerializeToString()) for span in spans
-    )
+    entries = b"".join(otlp_wire.frame(otlp_wire.TAG_SPANS, span.SerializeToString()) for span in spans)
     return (scope, entries, len(spans))
 
 

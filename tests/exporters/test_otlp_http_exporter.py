@@ -152,9 +152,7 @@ async def test_groups_of_one_scope_merge(downstream: Downstream, metrics: Metric
     await exporter.shutdown(1)
     (request,) = downstream.delivered
     by_service = {
-        resource_spans.resource.attributes[0].value.string_value: list(
-            resource_spans.scope_spans[0].spans
-        )
+        resource_spans.resource.attributes[0].value.string_value: list(resource_spans.scope_spans[0].spans)
         for resource_spans in request.resource_spans
     }
     assert by_service == {"checkout": first + third, "cart": second}
@@ -250,9 +248,7 @@ async def test_gives_up_after_max_elapsed_time(downstream: Downstream, metrics: 
     assert sample(metrics, RETRIES, NAME) == len(downstream.attempts) - 1 >= 3
 
 
-async def test_retry_after_beyond_max_elapsed_time_gives_up(
-    downstream: Downstream, metrics: Metrics
-) -> None:
+async def test_retry_after_beyond_max_elapsed_time_gives_up(downstream: Downstream, metrics: Metrics) -> None:
     downstream.replies = [Reply(429, {"Retry-After": "30"})]
     exporter = exporter_for(downstream.url, metrics, retry={"max_elapsed_time": 5})
     await exporter.start()
@@ -316,9 +312,7 @@ async def test_queue_counts_spans_in_flight(downstream: Downstream, metrics: Met
 
 async def test_senders_run_concurrently(downstream: Downstream, metrics: Metrics) -> None:
     downstream.hang = True
-    exporter = exporter_for(
-        downstream.url, metrics, batch={"send_batch_size": 1, "num_consumers": 2}
-    )
+    exporter = exporter_for(downstream.url, metrics, batch={"send_batch_size": 1, "num_consumers": 2})
     await exporter.start()
     export_traces(exporter, 1, 3, 1)
     await eventually(lambda: len(downstream.attempts) == 2)
@@ -345,9 +339,7 @@ async def test_shutdown_timeout_counts_undelivered_as_failed(
     downstream: Downstream, metrics: Metrics
 ) -> None:
     downstream.hang = True
-    exporter = exporter_for(
-        downstream.url, metrics, batch={"send_batch_size": 2, "num_consumers": 1}
-    )
+    exporter = exporter_for(downstream.url, metrics, batch={"send_batch_size": 2, "num_consumers": 1})
     await exporter.start()
     export_traces(exporter, 1, 3, 2)  # one batch in flight, two waiting
     await eventually(lambda: len(downstream.attempts) == 1)

@@ -10,7 +10,14 @@ import pytest
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
+from tests.conftest import (
+    Downstream,
+    GatewayFactory,
+    gateway_config,
+    metric,
+    receiver_url,
+    wait_for,
+)
 from tests.test_end_to_end import make_request, otlp_json
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -18,7 +25,10 @@ JSON = {"Content-Type": "application/json"}
 
 
 async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
-    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as reply:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers=headers) as reply,
+    ):
         return reply.status, reply.content_type, await reply.read()
 
 
@@ -45,15 +55,39 @@ def status_message(content_type: str, body: bytes) -> str:
         (b'{"resourceSpans": "nope"}', JSON, 400, "malformed", "invalid OTLP JSON"),
         (b"[" * 100_000 + b"]" * 100_000, JSON, 400, "malformed", "malformed JSON"),
         (b"hello", {"Content-Type": "text/plain"}, 415, "unsupported_media_type", "text/plain"),
-        (b"hello", {"Content-Type": "application/x-protobuf", "Content-Encoding": "br"}, 415,
-         "unsupported_encoding", "br"),
-        (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xff\xff\xff\xff", {**PROTOBUF, "Content-Encoding": "gzip"}, 400, "malformed",
-         "invalid gzip"),
-        (gzip.compress(b"\x0a\x00" * 1000)[:-12], {**PROTOBUF, "Content-Encoding": "gzip"}, 400,
-         "malformed", "truncated gzip"),
+        (
+            b"hello",
+            {"Content-Type": "application/x-protobuf", "Content-Encoding": "br"},
+            415,
+            "unsupported_encoding",
+            "br",
+        ),
+        (
+            b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xff\xff\xff\xff",
+            {**PROTOBUF, "Content-Encoding": "gzip"},
+            400,
+            "malformed",
+            "invalid gzip",
+        ),
+        (
+            gzip.compress(b"\x0a\x00" * 1000)[:-12],
+            {**PROTOBUF, "Content-Encoding": "gzip"},
+            400,
+            "malformed",
+            "truncated gzip",
+        ),
     ],
-    ids=["protobuf", "json-syntax", "json-array", "json-shape", "json-deep", "media-type",
-         "encoding", "gzip-corrupt", "gzip-truncated"],
+    ids=[
+        "protobuf",
+        "json-syntax",
+        "json-array",
+        "json-shape",
+        "json-deep",
+        "media-type",
+        "encoding",
+        "gzip-corrupt",
+        "gzip-truncated",
+    ],
 )
 async def test_bad_request_rejected_with_message(
     start_gateway: GatewayFactory,
@@ -69,7 +103,15 @@ async def test_bad_request_rejected_with_message(
     got_status, content_type, reply = await post(url, body, headers)
     assert got_status == status
     assert message in status_message(content_type, reply)
-    assert metric(gateway, "tailgate_receiver_rejected_requests_total", protocol="otlp_http", reason=reason) == 1
+    assert (
+        metric(
+            gateway,
+            "tailgate_receiver_rejected_requests_total",
+            protocol="otlp_http",
+            reason=reason,
+        )
+        == 1
+    )
     await assert_still_serving(url, downstream)
 
 
@@ -89,7 +131,15 @@ async def test_body_over_limit_is_413(start_gateway: GatewayFactory, downstream:
     status, content_type, reply = await post(url, bomb, {**PROTOBUF, "Content-Encoding": "gzip"})
     assert status == 413
     assert "decompressed body exceeds" in status_message(content_type, reply)
-    assert metric(gateway, "tailgate_receiver_rejected_requests_total", protocol="otlp_http", reason="too_large") == 2
+    assert (
+        metric(
+            gateway,
+            "tailgate_receiver_rejected_requests_total",
+            protocol="otlp_http",
+            reason="too_large",
+        )
+        == 2
+    )
     await assert_still_serving(url, downstream)
 
 
@@ -125,4 +175,6 @@ async def test_invalid_ids_rejected_in_partial_success(
         assert rejected == 3
         await wait_for(lambda: set(downstream.spans_by_trace()) == {good_trace})
         assert len(downstream.spans_by_trace()[good_trace]) == 1
-    assert metric(gateway, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="rejected") == rejected
+    assert (
+        metric(gateway, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="rejected") == rejected
+    )
