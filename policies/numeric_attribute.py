@@ -37,9 +37,7 @@ class NumericAttribute:
     type_name: ClassVar[str] = "numeric_attribute"
     Params: ClassVar[type[ParamsModel]] = NumericAttributeParams
 
-    def __init__(
-        self, name: str, params: NumericAttributeParams, build_sub: SubPolicyBuilder
-    ) -> None:
+    def __init__(self, name: str, params: NumericAttributeParams, build_sub: SubPolicyBuilder) -> None:
         self.name = name
         self.key = params.key
         self.attribute_keys = frozenset({params.key})

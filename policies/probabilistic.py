@@ -67,9 +67,7 @@ class Probabilistic:
         self.threshold = calculate_threshold(params.sampling_percentage / 100)
         self._salt_state = fnv1a_64((params.hash_salt or DEFAULT_HASH_SALT).encode())
         # The state after the first trace-id byte, for each byte value: saves one of the 16 rounds.
-        self._after_first = tuple(
-            ((self._salt_state ^ b) * FNV64_PRIME) & _MASK64 for b in range(256)
-        )
+        self._after_first = tuple(((self._salt_state ^ b) * FNV64_PRIME) & _MASK64 for b in range(256))
 
     def hash_trace_id(self, trace_id: bytes) -> int:
         """FNV-1a 64 over the salt then `trace_id`, as the Collector's hashTraceID."""

@@ -92,9 +92,7 @@ def policy_types() -> dict[str, PolicyType]:
     return {**POLICY_TYPES, **load_entry_point_policies()}
 
 
-def build_policy(
-    spec: dict[str, Any], path: str, *, types: Mapping[str, PolicyType] | None = None
-) -> Policy:
+def build_policy(spec: dict[str, Any], path: str, *, types: Mapping[str, PolicyType] | None = None) -> Policy:
     """Build one policy from its config dict; `path` names it, e.g. `tail_sampling.policies[2]`."""
     return _build(spec, path, policy_types() if types is None else types)
 
@@ -117,9 +115,7 @@ def _build_list(specs: Any, path: str, types: Mapping[str, PolicyType]) -> list[
         name = spec.get("name") if isinstance(spec, dict) else None
         if isinstance(name, str) and name:
             if name in first_use:
-                problems.append(
-                    f"{item_path}.name: duplicate policy name {name!r} (also {first_use[name]})"
-                )
+                problems.append(f"{item_path}.name: duplicate policy name {name!r} (also {first_use[name]})")
             first_use.setdefault(name, item_path)
         try:
             policies.append(_build(spec, item_path, types))

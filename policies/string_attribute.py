@@ -47,9 +47,7 @@ class StringAttribute:
     type_name: ClassVar[str] = "string_attribute"
     Params: ClassVar[type[ParamsModel]] = StringAttributeParams
 
-    def __init__(
-        self, name: str, params: StringAttributeParams, build_sub: SubPolicyBuilder
-    ) -> None:
+    def __init__(self, name: str, params: StringAttributeParams, build_sub: SubPolicyBuilder) -> None:
         self.name = name
         self.key = params.key
         self.attribute_keys = frozenset({params.key})
@@ -71,8 +69,7 @@ class StringAttribute:
     def evaluate(self, trace: TraceView, now: float) -> Decision:
         matches = self._matches
         matched = any(
-            isinstance(value, str) and value and matches(value)
-            for value in trace.attribute_values(self.key)
+            isinstance(value, str) and value and matches(value) for value in trace.attribute_values(self.key)
         )
         if self.invert_match:
             return Decision.INVERT_NOT_SAMPLED if matched else Decision.INVERT_SAMPLED
