@@ -91,9 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4319)
-    parser.add_argument(
-        "--keep-mb", type=int, default=128, help="bodies kept for span counting at /stats"
-    )
+    parser.add_argument("--keep-mb", type=int, default=128, help="bodies kept for span counting at /stats")
     args = parser.parse_args()
     uvloop.run(serve(args.host, args.port, args.keep_mb * 1024 * 1024))
 

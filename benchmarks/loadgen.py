@@ -140,12 +140,12 @@ class LoadGenerator:
         finally:
             await self._stop(tasks)
 
-    async def run_count(self, spans: int, timeout: float) -> dict[str, Any]:
+    async def run_count(self, spans: int, limit: float) -> dict[str, Any]:
         """Send `spans` spans (rounded up to whole requests) as fast as the server acknowledges."""
         self.max_spans = spans
         tasks = [asyncio.create_task(self._connection()) for _ in range(self.connections)]
         try:
-            return await self._measure(timeout, tasks)
+            return await self._measure(limit, tasks)
         finally:
             await self._stop(tasks)
 

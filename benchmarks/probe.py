@@ -93,9 +93,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4318)
     parser.add_argument("--mode", choices=("group", "empty"), default="group")
-    parser.add_argument(
-        "--max-traces", type=int, default=2048, help="traces held before the groups reset"
-    )
+    parser.add_argument("--max-traces", type=int, default=2048, help="traces held before the groups reset")
     args = parser.parse_args()
     uvloop.run(serve(args.host, args.port, args.mode, args.max_traces))
 

@@ -371,9 +371,7 @@ def build_pool(n_requests: int = DEFAULT_POOL_REQUESTS, seed: int = 1) -> Worklo
         # A split trace's head part is children only; its root follows in the next request.
         carried_in = [[plans[0], *plans[SPLIT_HEAD_SPANS + 1 :]] for plans in split_plans[i]]
         whole = [factory.plan() for _ in range(full)]
-        carried_out = [
-            plans[1 : SPLIT_HEAD_SPANS + 1] for plans in split_plans[(i + 1) % n_requests]
-        ]
+        carried_out = [plans[1 : SPLIT_HEAD_SPANS + 1] for plans in split_plans[(i + 1) % n_requests]]
         for plans in [*whole, *split_plans[i]]:
             n_traces += 1
             errors += any(p.error for p in plans)
@@ -446,9 +444,7 @@ def save_pool(pool: WorkloadPool, path: Path) -> None:
 def load_pool(path: Path) -> WorkloadPool:
     fields, stats = pickle.loads(path.read_bytes())
     width = len(RequestTemplate.__slots__)
-    templates = tuple(
-        RequestTemplate(*fields[k : k + width]) for k in range(0, len(fields), width)
-    )
+    templates = tuple(RequestTemplate(*fields[k : k + width]) for k in range(0, len(fields), width))
     return WorkloadPool(templates, *stats)
 
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from policies.base import AttributeValue
+from policies.base import STATUS_UNSET, AttributeValue
 from sampler.config import TailSamplingConfig
 from sampler.otlp_wire import (
     TAG_RESOURCE,
@@ -36,38 +37,55 @@ _ZERO_SPAN_ID = bytes(8)
 _MAX_VALUES_PER_KEY = 64
 # Interned Scope objects; when exceeded the table starts over (buffered traces keep their own refs).
 _MAX_INTERNED_SCOPES = 10_000
-# `ScopeSpans.spans` tag + length prefixes for the common span sizes, built once.
-_SPAN_PREFIX = [bytes((TAG_SPANS,)) + encode_varint(n) for n in range(16384)]
+# Above any fixed64 start time: "no start seen yet".
+_NO_START = 1 << 64
 
 
 class Trace:
     """One buffered trace: its spans in wire form and the summary policies read (a TraceView)."""
 
     __slots__ = (
+        "_coded_spans",
+        "_codes",
+        "_min_start",
         "attributes",
-        "data",
         "deadline",
+        "items",
+        "last_scope",
         "max_end_ns",
-        "min_start_ns",
         "root_seen",
-        "scopes",
         "span_count",
-        "status_codes",
         "trace_id",
     )
 
     def __init__(self, trace_id: bytes, deadline: float) -> None:
         self.trace_id = trace_id
         self.deadline = deadline
-        self.scopes: list[Scope] = []
-        # Per span: varint index into `scopes`, then the framed span (tag, length, bytes).
-        self.data = bytearray()
+        # Framed spans (TAG_SPANS, length, Span bytes), each run of them preceded by their Scope.
+        self.items: list[bytes | Scope] = []
+        self.last_scope: Scope | None = None
         self.span_count = 0
-        self.status_codes = 0
-        self.min_start_ns = 0
+        # Bits of the non-UNSET status codes seen, and how many spans had one: UNSET is derived.
+        self._codes = 0
+        self._coded_spans = 0
+        self._min_start = _NO_START
         self.max_end_ns = 0
         self.root_seen = False
         self.attributes: dict[str, list[AttributeValue]] | None = None
+
+    @property
+    def status_codes(self) -> int:
+        if self._coded_spans < self.span_count:
+            return self._codes | STATUS_UNSET
+        return self._codes
+
+    @property
+    def min_start_ns(self) -> int:
+        return 0 if self._min_start == _NO_START else self._min_start
+
+    @property
+    def byte_count(self) -> int:
+        return sum(len(item) for item in self.items if type(item) is bytes)
 
     def attribute_values(self, key: str) -> Sequence[AttributeValue]:
         if self.attributes is None:
@@ -84,46 +102,40 @@ class Trace:
 
     def span_groups(self, extra: bytes = b"") -> list[SpanGroup]:
         """The trace's spans grouped by scope, each span with `extra` (encoded fields) appended."""
-        data = bytes(self.data)
-        runs: list[list[bytes]] = [[] for _ in self.scopes]
-        counts = [0] * len(self.scopes)
-        pos = 0
-        end = len(data)
-        extra_len = len(extra)
-        while pos < end:
-            index = data[pos]
-            pos += 1
-            if index & 0x80:
-                index, pos = _read_varint_tail(data, pos, index)
-            pos += 1  # the TAG_SPANS byte
-            byte = data[pos]
-            pos += 1
-            length = byte & 0x7F
-            shift = 7
-            while byte & 0x80:
-                byte = data[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                shift += 7
-            if extra_len:
-                runs[index].append(_span_prefix(length + extra_len))
-                runs[index].append(data[pos : pos + length])
-                runs[index].append(extra)
+        runs: dict[Scope, list[bytes]] = {}
+        counts: dict[Scope, int] = {}
+        run: list[bytes] = []
+        scope: Scope | None = None
+        extra_length = len(extra)
+        for item in self.items:
+            if type(item) is not bytes:
+                assert isinstance(item, Scope)
+                scope = item
+                run = runs.setdefault(scope, [])
+                counts.setdefault(scope, 0)
+                continue
+            assert scope is not None
+            counts[scope] += 1
+            if not extra_length:
+                run.append(item)
+                continue
+            # Re-frame: the span grows by `extra`, so its length prefix changes.
+            byte = item[1]
+            if byte < 0x80:
+                length, start = byte, 2
             else:
-                runs[index].append(data[pos - len(_span_prefix(length)) : pos + length])
-            counts[index] += 1
-            pos += length
-        return [
-            (scope, b"".join(run), count)
-            for scope, run, count in zip(self.scopes, runs, counts, strict=True)
-            if count
-        ]
+                length, start = _read_varint(item, 1)
+            run.append(_span_prefix(length + extra_length))
+            run.append(item[start:])
+            run.append(extra)
+        return [(scope, b"".join(run), counts[scope]) for scope, run in runs.items()]
 
 
-def _read_varint_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
-    value = first & 0x7F
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    byte = data[pos]
+    pos += 1
+    value = byte & 0x7F
     shift = 7
-    byte = first
     while byte & 0x80:
         byte = data[pos]
         pos += 1
@@ -132,10 +144,19 @@ def _read_varint_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
     return value, pos
 
 
+_SPAN_PREFIXES = [bytes((TAG_SPANS,)) + encode_varint(length) for length in range(4096)]
+
+
 def _span_prefix(length: int) -> bytes:
-    if length < len(_SPAN_PREFIX):
-        return _SPAN_PREFIX[length]
+    if length < 4096:
+        return _SPAN_PREFIXES[length]
     return bytes((TAG_SPANS,)) + encode_varint(length)
+
+
+def reframe(framed: bytes, extra: bytes) -> bytes:
+    """A framed span with `extra` (encoded fields) appended to the span."""
+    length, start = _read_varint(framed, 1)
+    return _span_prefix(length + len(extra)) + framed[start:] + extra
 
 
 class DecisionCache:
@@ -173,6 +194,8 @@ class IngestResult:
     errors: list[str] = field(default_factory=list)
     late_kept: int = 0
     late_dropped: int = 0
+    # Late spans of kept traces, to forward at once.
+    late: list[SpanGroup] = field(default_factory=list)
 
 
 # The decider's entry points, injected so the buffer never imports downstream modules.
@@ -195,7 +218,6 @@ class TraceBuffer:
         self.clock = clock
         self.traces: dict[bytes, Trace] = {}
         self.span_count = 0
-        self.byte_count = 0
         self._heap: list[tuple[float, bytes]] = []
         self._scopes: dict[tuple[bytes, bytes], Scope] = {}
         self._attribute_keys = attribute_keys
@@ -220,31 +242,29 @@ class TraceBuffer:
             interned = self._scopes[key] = Scope(resource, scope)
         return interned
 
-    def add_spans(self, request: ExportTraceServiceRequest, raw_spans: list[bytes]) -> IngestResult:
-        """Buffer every span of a parsed request; `raw_spans` are the spans' bytes in message order."""
+    def add_spans(self, request: ExportTraceServiceRequest, framed_spans: list[bytes]) -> IngestResult:
+        """Buffer every span of a parsed request.
+
+        `framed_spans` holds each span's `ScopeSpans.spans` entry (tag, length, bytes) in message order.
+        This loop runs once per span: it is written for the interpreter, with the rare cases (new trace,
+        root span, scope change, invalid ids, full trace) moved out to methods.
+        """
         result = IngestResult()
         now = self.clock()
-        traces = self.traces
-        get_trace = traces.get
-        settings = self.settings
-        decision_wait = settings.decision_wait
-        root_wait = settings.decision_wait_after_root_received
-        max_spans = settings.max_spans_per_trace
+        get_trace = self.traces.get
+        max_spans = self.settings.max_spans_per_trace
         needles = self._needles
-        heap = self._heap
-        late: list[SpanGroup] = []
-        span_index = 0
-        added_spans = 0
-        added_bytes = 0
+        keys = self._attribute_keys
+        spans_before = self.span_count
+        early_spans = 0
+        framed_iter = iter(framed_spans)
         for resource_spans in request.resource_spans:
             resource_wire = b""
             if resource_spans.HasField("resource"):
                 resource_wire = frame(TAG_RESOURCE, resource_spans.resource.SerializeToString())
             if resource_spans.schema_url:
                 resource_wire += frame(TAG_SCHEMA_URL, resource_spans.schema_url.encode())
-            resource_values = (
-                _wanted_values(resource_spans.resource.attributes, self._attribute_keys) if needles else []
-            )
+            resource_values = _wanted_values(resource_spans.resource.attributes, keys) if keys else []
             for scope_spans in resource_spans.scope_spans:
                 scope_wire = b""
                 if scope_spans.HasField("scope"):
@@ -252,93 +272,90 @@ class TraceBuffer:
                 if scope_spans.schema_url:
                     scope_wire += frame(TAG_SCHEMA_URL, scope_spans.schema_url.encode())
                 scope = self.intern_scope(resource_wire, scope_wire)
-                for span in scope_spans.spans:
-                    raw = raw_spans[span_index]
-                    span_index += 1
+                # Not strict: framed_iter runs on across scopes; its length was checked by the decoder.
+                for span, framed in zip(scope_spans.spans, framed_iter, strict=False):
                     trace_id = span.trace_id
-                    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
-                        result.rejected += 1
-                        _note(result.errors, "invalid trace id (must be 16 bytes, not all zero)")
-                        continue
                     span_id = span.span_id
-                    if len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
-                        result.rejected += 1
-                        _note(result.errors, "invalid span id (must be 8 bytes, not all zero)")
+                    if (
+                        len(trace_id) != 16
+                        or len(span_id) != 8
+                        or trace_id == _ZERO_TRACE_ID
+                        or span_id == _ZERO_SPAN_ID
+                    ):
+                        _reject(result, trace_id, span_id)
                         continue
                     trace = get_trace(trace_id)
                     if trace is None:
-                        decided = self.decisions.lookup(trace_id)
-                        if decided is not None:
-                            if decided is False:
-                                result.late_dropped += 1
-                            else:
-                                assert isinstance(decided, str)
-                                late.append(self._late_group(scope, raw, decided))
-                                result.late_kept += 1
-                            result.accepted += 1
+                        trace = self._new_trace(trace_id, now, scope, framed, result)
+                        if trace is None:
                             continue
-                        trace = traces[trace_id] = Trace(trace_id, now + decision_wait)
-                        heapq.heappush(heap, (trace.deadline, trace_id))
-                    scopes = trace.scopes
-                    if scopes and scopes[-1] is scope:
-                        index = len(scopes) - 1
-                    else:
-                        try:
-                            index = scopes.index(scope)
-                        except ValueError:
-                            index = len(scopes)
-                            scopes.append(scope)
-                    data = trace.data
-                    before = len(data)
-                    if index < 128:
-                        data.append(index)
-                    else:
-                        data += encode_varint(index)
-                    size = len(raw)
-                    data += _SPAN_PREFIX[size] if size < 16384 else _span_prefix(size)
-                    data += raw
-                    added_bytes += len(data) - before
-                    added_spans += 1
-                    trace.span_count += 1
-                    # Masked: a bad client may send any int32; unknown codes set unused bits.
-                    trace.status_codes |= 1 << (span.status.code & 31)
+                    items = trace.items
+                    if trace.last_scope is not scope:
+                        trace.last_scope = scope
+                        items.append(scope)
+                    items.append(framed)
+                    code = span.status.code
+                    if code:
+                        # Masked: a bad client may send any int32; unknown codes set unused bits.
+                        trace._codes |= 1 << (code & 31)
+                        trace._coded_spans += 1
                     start = span.start_time_unix_nano
-                    if start and (start < trace.min_start_ns or not trace.min_start_ns):
-                        trace.min_start_ns = start
+                    if start < trace._min_start:
+                        trace._min_start = start
                     end = span.end_time_unix_nano
                     if end > trace.max_end_ns:
                         trace.max_end_ns = end
                     if not span.parent_span_id and not trace.root_seen:
-                        trace.root_seen = True
-                        root_deadline = now + root_wait
-                        if root_deadline < trace.deadline:
-                            trace.deadline = root_deadline
-                            heapq.heappush(heap, (root_deadline, trace_id))
+                        self._root_arrived(trace, now)
                     if needles:
-                        for value_key, value in resource_values:
-                            trace.add_attribute(value_key, value)
-                        for needle in needles:
-                            if needle in raw:
-                                for value_key, value in _wanted_values(span.attributes, self._attribute_keys):
-                                    trace.add_attribute(value_key, value)
-                                break
-                    result.accepted += 1
+                        _extract_attributes(trace, span, framed, needles, keys, resource_values)
+                    trace.span_count += 1
                     if trace.span_count >= max_spans:
-                        # Decided now, so the rest of its spans, even in this request, are late.
-                        del traces[trace_id]
-                        added_spans -= trace.span_count
-                        added_bytes -= len(trace.data)
-                        self.decide_now([trace], "max_spans_per_trace")
-        self.span_count += added_spans
-        self.byte_count += added_bytes
-        if late:
-            self.forward_late(late, len(late))
+                        early_spans += trace.span_count
+                        self._decide_full(trace)
+        accepted = len(framed_spans) - result.rejected
+        result.accepted = accepted
+        self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans
+        if result.late:
+            self.forward_late(result.late, len(result.late))
         self._enforce_limits()
         return result
 
-    def _late_group(self, scope: Scope, raw: bytes, policy: str) -> SpanGroup:
-        extra = string_attribute("tailsampling.policy", policy) if self.record_policy else b""
-        return (scope, _span_prefix(len(raw) + len(extra)) + raw + extra, 1)
+    def _new_trace(
+        self, trace_id: bytes, now: float, scope: Scope, framed: bytes, result: IngestResult
+    ) -> Trace | None:
+        """Start buffering a trace, or, if it was decided already, handle `framed` as a late span."""
+        decided = self.decisions.lookup(trace_id)
+        if decided is None:
+            trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait)
+            heapq.heappush(self._heap, (trace.deadline, trace_id))
+            return trace
+        if decided is False:
+            result.late_dropped += 1
+        else:
+            assert isinstance(decided, str)
+            if self.record_policy:
+                framed = reframe(framed, string_attribute("tailsampling.policy", decided))
+            result.late.append((scope, framed, 1))
+            result.late_kept += 1
+        return None
+
+    def _root_arrived(self, trace: Trace, now: float) -> None:
+        trace.root_seen = True
+        root_deadline = now + self.settings.decision_wait_after_root_received
+        if root_deadline < trace.deadline:
+            trace.deadline = root_deadline
+            heapq.heappush(self._heap, (root_deadline, trace.trace_id))
+
+    def _decide_full(self, trace: Trace) -> None:
+        # Decided now, so the rest of its spans, even in this request, are late spans.
+        del self.traces[trace.trace_id]
+        self.decide_now([trace], "max_spans_per_trace")
+
+    @property
+    def byte_count(self) -> int:
+        """Bytes held for buffered spans; computed on demand (metrics scrapes), not per span."""
+        return sum(trace.byte_count for trace in self.traces.values())
 
     def _enforce_limits(self) -> None:
         """Decide the traces nearest their deadline early while the buffer is over a limit."""
@@ -353,7 +370,6 @@ class TraceBuffer:
                 if trace is None:
                     break
                 self.span_count -= trace.span_count
-                self.byte_count -= len(trace.data)
                 evicted.append(trace)
             if evicted:
                 self.decide_now(evicted, reason)
@@ -381,7 +397,6 @@ class TraceBuffer:
                 del traces[trace_id]
                 due.append(trace)
                 self.span_count -= trace.span_count
-                self.byte_count -= len(trace.data)
         return due
 
     def pop_all(self) -> list[Trace]:
@@ -390,13 +405,34 @@ class TraceBuffer:
         self.traces.clear()
         self._heap.clear()
         self.span_count = 0
-        self.byte_count = 0
         return remaining
 
 
-def _note(errors: list[str], message: str) -> None:
-    if message not in errors:
-        errors.append(message)
+def _reject(result: IngestResult, trace_id: bytes, span_id: bytes) -> None:
+    result.rejected += 1
+    if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+        message = "invalid trace id (must be 16 bytes, not all zero)"
+    else:
+        message = "invalid span id (must be 8 bytes, not all zero)"
+    if message not in result.errors:
+        result.errors.append(message)
+
+
+def _extract_attributes(
+    trace: Trace,
+    span: Span,
+    framed: bytes,
+    needles: list[bytes],
+    keys: frozenset[str],
+    resource_values: list[tuple[str, AttributeValue]],
+) -> None:
+    for key, value in resource_values:
+        trace.add_attribute(key, value)
+    for needle in needles:
+        if needle in framed:
+            for key, value in _wanted_values(span.attributes, keys):
+                trace.add_attribute(key, value)
+            return
 
 
 def _wanted_values(attributes: Sequence[KeyValue], keys: frozenset[str]) -> list[tuple[str, AttributeValue]]:

@@ -45,6 +45,7 @@ class Decider:
         self.tick = tick
         self.record_policy = record_policy
         self._policy_attribute: dict[str, bytes] = {}
+        self._evaluators = [policy.evaluate for policy in self.policies]
         self._kept_traces = metrics.traces_decided.labels("kept")
         self._dropped_traces = metrics.traces_decided.labels("dropped")
         self._kept_spans = metrics.spans_decided.labels("kept")
@@ -56,43 +57,55 @@ class Decider:
     def decide(self, traces: list[Trace], reason: str | None = None) -> None:
         """Decide `traces` now; `reason` names why when it is before their deadline."""
         now = self.clock()
-        policies = self.policies
-        verdict_counts: Counter[tuple[str, str]] = Counter()
+        evaluators = self._evaluators
+        record = self.decisions.record
+        verdict_rows: list[list[Decision | None]] = []
         kept_groups: list[SpanGroup] = []
         kept_spans = 0
         kept_traces = 0
         dropped_spans = 0
-        observe_delay = self.metrics.decision_delay.observe if reason is None else None
         for trace in traces:
-            verdicts: list[Decision] = []
-            voters: list[str] = []
-            for policy in policies:
-                try:
-                    verdict = policy.evaluate(trace, now)
-                except Exception:
-                    # A faulty (third-party) policy must not stop the others, as in the OTel Collector.
-                    log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
-                    verdict_counts[(policy.name, "error")] += 1
+            try:
+                verdicts: list[Decision | None] = [evaluate(trace, now) for evaluate in evaluators]
+            except Exception:
+                verdicts = self._evaluate_guarded(trace, now)
+            verdict_rows.append(verdicts)
+            # Most traces have no keeping verdict at all: a C-level membership test rules that out.
+            if Decision.SAMPLED in verdicts or Decision.INVERT_SAMPLED in verdicts:
+                voted = [verdict for verdict in verdicts if verdict is not None]
+                deciding = deciding_policy(voted)
+                if deciding is not None:
+                    voters = [p.name for p, v in zip(self.policies, verdicts, strict=True) if v is not None]
+                    kept_by = voters[deciding]
+                    record(trace.trace_id, kept_by)
+                    kept_groups.extend(trace.span_groups(self._extra(kept_by)))
+                    kept_spans += trace.span_count
+                    kept_traces += 1
                     continue
-                verdict_counts[(policy.name, verdict.value)] += 1
-                verdicts.append(verdict)
-                voters.append(policy.name)
-            deciding = deciding_policy(verdicts)
-            if deciding is not None:
-                kept_by = voters[deciding]
-                self.decisions.record(trace.trace_id, kept_by)
-                kept_groups.extend(trace.span_groups(self._extra(kept_by)))
-                kept_spans += trace.span_count
-                kept_traces += 1
-            else:
-                self.decisions.record(trace.trace_id, None)
-                dropped_spans += trace.span_count
-            if observe_delay is not None:
-                observe_delay(max(0.0, now - trace.deadline))
+            record(trace.trace_id, None)
+            dropped_spans += trace.span_count
+        if reason is None:
+            observe = self.metrics.decision_delay.observe
+            for trace in traces:
+                observe(max(0.0, now - trace.deadline))
         if kept_groups:
             for exporter in self.exporters:
                 exporter.export(kept_groups, kept_spans)
-        self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_counts)
+        self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_rows)
+
+    def _evaluate_guarded(self, trace: Trace, now: float) -> list[Decision | None]:
+        """Evaluate policy by policy; a failing one (a faulty plugin, say) gets None and is logged.
+
+        As in the OTel Collector, a policy error does not stop the other policies.
+        """
+        verdicts: list[Decision | None] = []
+        for policy in self.policies:
+            try:
+                verdicts.append(policy.evaluate(trace, now))
+            except Exception:
+                log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
+                verdicts.append(None)
+        return verdicts
 
     def _count(
         self,
@@ -101,7 +114,7 @@ class Decider:
         kept_spans: int,
         dropped_spans: int,
         reason: str | None,
-        verdict_counts: Counter[tuple[str, str]],
+        verdict_rows: list[list[Decision | None]],
     ) -> None:
         # Counted once per batch: prometheus_client takes a lock per increment.
         if kept_traces:
@@ -112,8 +125,10 @@ class Decider:
             self._dropped_spans.inc(dropped_spans)
         if reason is not None and decided:
             self.metrics.early_decisions.labels(reason).inc(decided)
-        for (policy_name, verdict), count in verdict_counts.items():
-            self.metrics.policy_decisions.labels(policy_name, verdict).inc(count)
+        for policy, column in zip(self.policies, zip(*verdict_rows, strict=True), strict=False):
+            for verdict, count in Counter(column).items():
+                label = "error" if verdict is None else verdict.value
+                self.metrics.policy_decisions.labels(policy.name, label).inc(count)
 
     def _extra(self, policy_name: str) -> bytes:
         if not self.record_policy:

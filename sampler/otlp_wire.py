@@ -47,7 +47,7 @@ def string_attribute(key: str, value: str) -> bytes:
     return frame(TAG_ATTRIBUTES, frame(TAG_KEY, key.encode()) + frame(TAG_VALUE, any_value))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Scope:
     """The resource and instrumentation scope a group of spans shares, in wire form.
 
@@ -115,7 +115,7 @@ def _iter_fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int]]
 
 
 def slice_spans(body: bytes) -> list[bytes]:
-    """Each Span's serialized bytes in an ExportTraceServiceRequest, in message order.
+    """Each span's `ScopeSpans.spans` entry (tag, length, Span bytes) in a request, in message order.
 
     Cheaper than re-serializing every parsed span. Call it only on a body that parsed: the caller checks
     that the number of slices equals the number of parsed spans.
@@ -129,36 +129,45 @@ def slice_spans(body: bytes) -> list[bytes]:
             if tag2 != TAG_SCOPE_SPANS:
                 continue
             pos = start2
-            # Inline walk of ScopeSpans: this loop runs once per span.
+            # Inline walk of ScopeSpans, the loop that runs once per span: the usual entry is a
+            # one-byte tag and a one- or two-byte length; anything else takes the general path.
             while pos < end2:
-                tag3 = body[pos]
-                pos += 1
-                if tag3 & 0x80:
-                    raise ValueError("unexpected multi-byte tag in ScopeSpans")
-                wire_type = tag3 & 7
-                if wire_type != 2:
-                    if wire_type == 0:
-                        _, pos = _read_varint(body, pos)
-                    elif wire_type == 1:
-                        pos += 8
-                    elif wire_type == 5:
-                        pos += 4
-                    else:
-                        raise ValueError(f"unsupported wire type {wire_type}")
-                    continue
-                byte = body[pos]
-                pos += 1
-                length = byte & 0x7F
-                shift = 7
-                while byte & 0x80:
-                    byte = body[pos]
-                    pos += 1
-                    length |= (byte & 0x7F) << shift
-                    shift += 7
-                if tag3 == TAG_SPANS:
-                    append(body[pos : pos + length])
-                pos += length
+                if body[pos] == TAG_SPANS:
+                    byte = body[pos + 1]
+                    if byte < 0x80:
+                        end_of_span = pos + 2 + byte
+                        append(body[pos:end_of_span])
+                        pos = end_of_span
+                        continue
+                    byte2 = body[pos + 2]
+                    if byte2 < 0x80:
+                        end_of_span = pos + 3 + ((byte & 0x7F) | (byte2 << 7))
+                        append(body[pos:end_of_span])
+                        pos = end_of_span
+                        continue
+                field_end = _field_end(body, pos)
+                if body[pos] == TAG_SPANS:
+                    append(body[pos:field_end])
+                pos = field_end
+            if pos != end2:
+                raise ValueError("truncated message")
     return spans
+
+
+def _field_end(buf: bytes, pos: int) -> int:
+    """Where the field starting at `pos` ends."""
+    tag, pos = _read_varint(buf, pos)
+    wire_type = tag & 7
+    if wire_type == 2:
+        length, pos = _read_varint(buf, pos)
+        return pos + length
+    if wire_type == 0:
+        return _read_varint(buf, pos)[1]
+    if wire_type == 1:
+        return pos + 8
+    if wire_type == 5:
+        return pos + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
 
 
 def iter_framed(entries: bytes) -> list[bytes]:

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sampler.errors import DecodeError
-from sampler.otlp_wire import slice_spans
+from sampler.otlp_wire import TAG_SPANS, frame, slice_spans
 
 # Byte fields the OTLP JSON mapping writes as hex, where protobuf's JSON mapping expects base64.
 _HEX_ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
@@ -22,7 +22,7 @@ _INVALID_ID = base64.b64encode(b"\x00").decode()
 
 
 def decode_protobuf(body: bytes) -> tuple[ExportTraceServiceRequest, list[bytes]]:
-    """Parse a protobuf request; also returns each span's bytes, sliced from the body."""
+    """Parse a protobuf request; also returns each span's framed bytes, sliced from the body."""
     try:
         request = ExportTraceServiceRequest.FromString(body)
     except ProtobufDecodeError as error:
@@ -64,7 +64,7 @@ def _span_count(request: ExportTraceServiceRequest) -> int:
 
 def _serialize_spans(request: ExportTraceServiceRequest) -> list[bytes]:
     return [
-        span.SerializeToString()
+        frame(TAG_SPANS, span.SerializeToString())
         for resource_spans in request.resource_spans
         for scope_spans in resource_spans.scope_spans
         for span in scope_spans.spans

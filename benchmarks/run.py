@@ -1,0 +1,640 @@
+"""The tailgate benchmark: empty handler, limit probe, full gateway and its memory per buffered span.
+
+Every server and the load generator run as separate processes on 127.0.0.1; figures are reported as
+ratios to the limit probe measured in the same run, and nothing is asserted about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import google.protobuf
+from google.protobuf.internal import api_implementation
+from workload import build_pool, describe, save_pool
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+HOST = "127.0.0.1"
+RSS_GOAL_BYTES = 400
+RATIO_GOAL = 0.5
+WARMUP_SPANS = 20_480
+
+PIPELINE_CONFIG = """\
+receivers:
+  otlp:
+    http: {{endpoint: "{host}:{port}", max_request_bytes: 16777216}}
+admin: {{endpoint: "{host}:{admin_port}"}}
+tail_sampling:
+  decision_wait: {decision_wait}
+  decision_wait_after_root_received: {root_wait}
+  num_traces: {num_traces}
+  max_buffered_spans: {max_buffered_spans}
+  policies:
+    - {{name: errors, type: status_code, status_code: {{status_codes: [ERROR]}}}}
+    - {{name: slow, type: latency, latency: {{threshold_ms: 1000}}}}
+    - {{name: sample10, type: probabilistic, probabilistic: {{sampling_percentage: 10}}}}
+exporters:
+  otlp_http:
+    endpoint: "http://{host}:{downstream_port}/v1/traces"
+    compression: none
+"""
+
+
+class BenchError(Exception):
+    """A server did not start or a run could not complete."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses; fields resume after its closing one.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (a gateway may run worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, ()))
+    return tree
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot: tells a live pid from a reused one."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        fields = _stat_fields(member)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if match:
+            total += int(match.group(1)) * 1024
+    return total
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """Sum of the samples of `name` whose labels include `labels`; None when there is none."""
+    total: float | None = None
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or match.group(1) != name:
+            continue
+        found = dict(_LABEL.findall(match.group(2) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total = (total or 0.0) + float(match.group(3))
+    return total
+
+
+@dataclass
+class Child:
+    """A server process started by this run, with its stderr in a log file."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    # (pid, start time) of the process tree seen at readiness, to reap workers left behind.
+    known_tree: list[tuple[int, int | None]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, name: str, argv: list[str], log_dir: Path) -> Child:
+        log_path = log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(argv, cwd=REPO_DIR, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        return cls(name, process, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, port: int, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if http_get(port, path, timeout=1.0)[0] == 200:
+                    self.remember_tree()
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def remember_tree(self) -> None:
+        self.known_tree = [(pid, start_time(pid)) for pid in process_tree(self.pid)]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.remember_tree()
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        for pid, started in self.known_tree:  # workers the server may have left behind
+            if pid != self.pid and started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+class LineReader:
+    """Reads JSON lines from a child's stdout with a deadline on every read."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        self.fd = process.stdout.fileno()
+        self.buffer = b""
+
+    def next_event(self, deadline: float) -> dict[str, Any]:
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError("load generator did not report in time")
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise BenchError("load generator exited without a result")
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+
+class Bench:
+    """One benchmark run: owns the temp dir, the pool, the children and the results."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.children: list[Child] = []
+        self.pool_path = tmp / "pool.pkl"
+        self.python = sys.executable
+
+    def log(self, message: str) -> None:
+        if not self.args.json:
+            print(message, file=sys.stderr, flush=True)
+
+    def start(self, name: str, argv: list[str], port: int, ready_path: str) -> Child:
+        child = Child.start(name, argv, self.tmp)
+        self.children.append(child)
+        child.wait_ready(port, ready_path, timeout=self.args.start_timeout)
+        return child
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        self.children.remove(child)
+
+    def stop_all(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+    def loadgen(
+        self,
+        port: int,
+        extra: list[str],
+        deadline: float,
+        on_event: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        argv = [
+            self.python,
+            str(BENCH_DIR / "loadgen.py"),
+            "--port",
+            str(port),
+            "--pool",
+            str(self.pool_path),
+            "--connections",
+            str(self.args.connections),
+            *extra,
+        ]
+        log_path = self.tmp / "loadgen.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log)
+        try:
+            reader = LineReader(process)
+            end = time.monotonic() + deadline
+            while True:
+                try:
+                    event = reader.next_event(end)
+                except BenchError as exc:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                    raise BenchError(f"{exc}\n{tail}") from exc
+                kind = event.pop("event")
+                if kind == "result":
+                    process.wait(timeout=10)
+                    # Reported once at the top level of the report.
+                    event.pop("workload", None)
+                    event.pop("connections", None)
+                    return event
+                if on_event is not None:
+                    on_event(kind)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=5)
+            assert process.stdout is not None
+            process.stdout.close()
+
+    def throughput(self, port: int, server: Child) -> dict[str, Any]:
+        """Timed load; the server's CPU is sampled at the load generator's window edges."""
+        cpu: dict[str, float] = {}
+
+        def on_event(kind: str) -> None:
+            cpu[kind] = cpu_seconds(server.pid)
+
+        args = self.args
+        result = self.loadgen(
+            port,
+            ["--duration", str(args.duration), "--warmup", str(args.warmup)],
+            deadline=args.duration + args.warmup + 30,
+            on_event=on_event,
+        )
+        server_cpu = cpu["measure_stop"] - cpu["measure_start"]
+        result["server_cpu_seconds"] = round(server_cpu, 3)
+        result["server_cpu_utilization"] = round(server_cpu / result["seconds"], 3)
+        result["spans_per_cpu_second"] = result["spans_ok"] / server_cpu if server_cpu else 0.0
+        return result
+
+    def run_probe(self, mode: str) -> dict[str, Any]:
+        port = free_port()
+        name = "empty" if mode == "empty" else "probe"
+        self.log(f"-- {name}: aiohttp+uvloop server, {self.args.duration:.0f}s of load")
+        argv = [self.python, str(BENCH_DIR / "probe.py"), "--port", str(port), "--mode", mode]
+        server = self.start(name, argv, port, "/readyz")
+        try:
+            return self.throughput(port, server)
+        finally:
+            self.stop(server)
+
+    def gateway_config(self, name: str, downstream_port: int, **tail: Any) -> tuple[Path, int, int]:
+        port, admin_port = free_port(), free_port()
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(
+            PIPELINE_CONFIG.format(
+                host=HOST,
+                port=port,
+                admin_port=admin_port,
+                downstream_port=downstream_port,
+                **tail,
+            )
+        )
+        return path, port, admin_port
+
+    def start_gateway(self, name: str, config: Path, admin_port: int) -> Child:
+        check = subprocess.run(
+            [self.python, "-m", "sampler", "check-config", "--config", str(config)],
+            cwd=REPO_DIR,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if check.returncode != 0:
+            output = (check.stdout + check.stderr).decode(errors="replace")
+            raise BenchError(f"check-config rejected the benchmark config:\n{output}")
+        argv = [self.python, "-m", "sampler", "run", "--config", str(config)]
+        return self.start(name, argv, admin_port, "/readyz")
+
+    def metrics(self, admin_port: int) -> str:
+        status, body = http_get(admin_port, "/metrics", timeout=5.0)
+        if status != 200:
+            raise BenchError(f"GET /metrics answered {status}")
+        return body.decode()
+
+    def run_gateway(self, downstream_port: int) -> dict[str, Any]:
+        self.log(f"-- gateway: full pipeline, {self.args.duration:.0f}s of load")
+        decision_wait = 2.0
+        config, port, admin_port = self.gateway_config(
+            "gateway",
+            downstream_port,
+            decision_wait="2s",
+            root_wait="0.5s",
+            num_traces=200_000,
+            max_buffered_spans=4_000_000,
+        )
+        gateway = self.start_gateway("gateway", config, admin_port)
+        try:
+            result = self.throughput(port, gateway)
+            # Let the last traces reach their deadline and leave, so export counts are complete.
+            cpu_before_drain = cpu_seconds(gateway.pid)
+            drain_deadline = time.monotonic() + decision_wait + 8.0
+            buffered: float | None = None
+            while time.monotonic() < drain_deadline:
+                buffered = metric_value(self.metrics(admin_port), "tailgate_buffered_spans")
+                if not buffered:
+                    break
+                time.sleep(0.25)
+            time.sleep(0.5)  # the exporter's batch timeout
+            text = self.metrics(admin_port)
+            result["drain_cpu_seconds"] = round(cpu_seconds(gateway.pid) - cpu_before_drain, 3)
+            result["buffered_spans_after_drain"] = buffered
+            result["accepted_spans"] = metric_value(
+                text, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="accepted"
+            )
+            result["exported_spans"] = metric_value(text, "tailgate_exporter_sent_spans_total")
+            status, body = http_get(downstream_port, "/stats", timeout=30.0)
+            result["downstream"] = json.loads(body) if status == 200 else None
+            return result
+        finally:
+            self.stop(gateway)
+
+    def run_memory(self, downstream_port: int) -> dict[str, Any]:
+        spans = self.args.memory_spans
+        self.log(f"-- memory: gateway holding {spans:,} spans undecided")
+        config, port, admin_port = self.gateway_config(
+            "memory",
+            downstream_port,
+            decision_wait="300s",
+            root_wait="300s",
+            num_traces=max(1_000_000, spans // 4),
+            max_buffered_spans=max(4_000_000, spans * 2),
+        )
+        gateway = self.start_gateway("memory", config, admin_port)
+        try:
+            self.loadgen(port, ["--spans", str(WARMUP_SPANS)], deadline=60)
+            before = self.settled(gateway, admin_port)
+            cpu_before = cpu_seconds(gateway.pid)
+            load = self.loadgen(port, ["--spans", str(spans), "--timeout", "60"], deadline=90)
+            # Nothing is decided in this run, so this is the cost of ingest and buffering alone.
+            server_cpu = cpu_seconds(gateway.pid) - cpu_before
+            load["server_cpu_seconds"] = round(server_cpu, 3)
+            load["server_cpu_utilization"] = round(server_cpu / load["seconds"], 3)
+            load["spans_per_cpu_second"] = load["spans_ok"] / server_cpu if server_cpu else 0.0
+            after = self.settled(gateway, admin_port)
+        finally:
+            self.stop(gateway)
+        delta_spans = after["buffered_spans"] - before["buffered_spans"]
+        delta_rss = after["rss_bytes"] - before["rss_bytes"]
+        delta_bytes = (
+            after["buffered_bytes"] - before["buffered_bytes"]
+            if after["buffered_bytes"] is not None and before["buffered_bytes"] is not None
+            else None
+        )
+        return {
+            "before": before,
+            "after": after,
+            "load": load,
+            "buffered_spans_added": delta_spans,
+            "rss_bytes_added": delta_rss,
+            "rss_bytes_per_buffered_span": delta_rss / delta_spans if delta_spans > 0 else None,
+            "buffered_bytes_per_span": (
+                delta_bytes / delta_spans if delta_bytes is not None and delta_spans > 0 else None
+            ),
+        }
+
+    def settled(self, gateway: Child, admin_port: int) -> dict[str, Any]:
+        """RSS and buffered spans once the buffered count stops moving (bounded wait)."""
+        previous = None
+        deadline = time.monotonic() + 15.0
+        buffered: float | None = None
+        text = ""
+        while time.monotonic() < deadline:
+            text = self.metrics(admin_port)
+            buffered = metric_value(text, "tailgate_buffered_spans")
+            if buffered is not None and buffered == previous:
+                break
+            previous = buffered
+            time.sleep(0.5)
+        if buffered is None:
+            raise BenchError("the gateway's /metrics has no tailgate_buffered_spans")
+        return {
+            "buffered_spans": buffered,
+            "buffered_bytes": metric_value(text, "tailgate_buffered_bytes"),
+            "rss_bytes": rss_bytes(gateway.pid),
+        }
+
+    def run(self) -> dict[str, Any]:
+        args = self.args
+        started = time.perf_counter()
+        pool = build_pool(seed=args.seed)
+        save_pool(pool, self.pool_path)
+        report: dict[str, Any] = {
+            "environment": {
+                "python": platform.python_version(),
+                "protobuf": google.protobuf.__version__,
+                "protobuf_backend": api_implementation.Type(),
+                "cpus": os.cpu_count(),
+                "connections": args.connections,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+            },
+            "workload": describe(pool),
+        }
+        if not args.skip_empty:
+            report["empty"] = self.run_probe("empty")
+        report["probe"] = self.run_probe("group")
+        missing = [name for name in ("cli.py", "app.py") if not (REPO_DIR / "sampler" / name).exists()]
+        if args.skip_gateway or missing:
+            report["gateway_skipped"] = (
+                "--skip-gateway" if args.skip_gateway else f"sampler/{' and '.join(missing)} missing"
+            )
+        else:
+            downstream_port = free_port()
+            argv = [self.python, str(BENCH_DIR / "downstream.py"), "--port", str(downstream_port)]
+            downstream = self.start("downstream", argv, downstream_port, "/readyz")
+            try:
+                report["gateway"] = self.run_gateway(downstream_port)
+                probe, gateway = report["probe"], report["gateway"]
+                report["ratio"] = {
+                    "spans_per_second": gateway["spans_per_second"] / probe["spans_per_second"],
+                    "spans_per_cpu_second": gateway["spans_per_cpu_second"] / probe["spans_per_cpu_second"],
+                }
+                if not args.skip_memory:
+                    report["memory"] = self.run_memory(downstream_port)
+            finally:
+                self.stop(downstream)
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        return report
+
+
+def _fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    env, work = report["environment"], report["workload"]
+    print(
+        f"\ntailgate benchmark · Python {env['python']} · protobuf {env['protobuf']} "
+        f"({env['protobuf_backend']}) · {env['cpus']} CPUs · {env['connections']} connections · "
+        f"{env['duration_s']:g}s after {env['warmup_s']:g}s warm-up"
+    )
+    print(
+        f"workload: {work['spans_per_request']} spans/request, {work['spans_per_trace']} spans/trace, "
+        f"mean span {work['mean_span_bytes']:.0f} B serialized "
+        f"({work['mean_body_bytes_per_span']:.0f} B of request body per span), "
+        f"{work['error_trace_fraction']:.1%} error / {work['slow_trace_fraction']:.1%} slow traces\n"
+    )
+    header = (
+        f"{'run':<26}{'spans/s (wall)':>16}{'spans/CPU-s':>14}{'server CPU':>12}"
+        f"{'loadgen CPU':>13}{'p99 ms':>9}{'non-2xx':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    rows = (
+        ("empty", "empty handler (ceiling)"),
+        ("probe", "limit probe"),
+        ("gateway", "gateway (full pipeline)"),
+    )
+    memory = report.get("memory")
+    runs = [(label, report.get(key)) for key, label in rows]
+    if memory:
+        runs.append(("gateway, ingest only (*)", memory["load"]))
+    for label, run in runs:
+        if run is None:
+            continue
+        print(
+            f"{label:<26}{_fmt(run['spans_per_second']):>16}{_fmt(run['spans_per_cpu_second']):>14}"
+            f"{run['server_cpu_utilization']:>12.0%}{run['loadgen_cpu_utilization']:>13.0%}"
+            f"{run['latency_ms_p99']:>9.1f}{sum(run['non_2xx'].values()):>9}"
+        )
+    ratio = report.get("ratio")
+    if ratio:
+        print(
+            f"{'gateway / probe':<26}{ratio['spans_per_second']:>15.2f}x"
+            f"{ratio['spans_per_cpu_second']:>13.2f}x   (goal ≥ {RATIO_GOAL}x)"
+        )
+    empty = report.get("empty")
+    if empty and empty["loadgen_cpu_utilization"] > 0.9:
+        print("note: the load generator is saturated against the empty handler; that row is its ceiling")
+    gateway = report.get("gateway")
+    if gateway:
+        accepted = gateway.get("accepted_spans")
+        downstream = gateway.get("downstream") or {}
+        kept = downstream.get("spans")
+        share = f" ({kept / accepted:.1%} of accepted)" if kept is not None and accepted else ""
+        print(
+            f"\ngateway totals incl. warm-up: accepted {_fmt(accepted)}, exported "
+            f"{_fmt(gateway.get('exported_spans'))}, downstream received {_fmt(kept)} spans{share}; "
+            f"buffered after drain {_fmt(gateway.get('buffered_spans_after_drain'))}, "
+            f"drain CPU {gateway['drain_cpu_seconds']:.2f}s"
+        )
+    if memory:
+        per_span = memory["rss_bytes_per_buffered_span"]
+        stored = memory["buffered_bytes_per_span"]
+        overhead = (
+            ""
+            if per_span is None
+            else (f", {per_span - work['mean_span_bytes']:,.0f} B above the serialized span")
+        )
+        print(
+            f"memory: +{memory['buffered_spans_added']:,.0f} buffered spans, "
+            f"+{memory['rss_bytes_added'] / 1e6:,.1f} MB RSS → {_fmt(per_span)} B RSS per buffered "
+            f"span (goal ≤ {RSS_GOAL_BYTES} B; Go OTel Collector ≈ 460 B){overhead}; "
+            f"tailgate_buffered_bytes says {_fmt(stored)} B/span"
+        )
+        print("(*) the memory run's load: decision_wait 300s, so nothing is decided or exported; no warm-up")
+    if "gateway_skipped" in report:
+        print(f"\ngateway not run: {report['gateway_skipped']}")
+    print(f"\n(total {report['elapsed_s']:.0f}s)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--memory-spans", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--start-timeout", type=float, default=30.0)
+    parser.add_argument("--skip-empty", action="store_true", help="no empty-handler ceiling run")
+    parser.add_argument("--skip-gateway", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args()
+
+    # A SIGTERM to the benchmark still runs the finally below, which stops every child.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    tmp = Path(tempfile.mkdtemp(prefix="tailgate-bench-"))
+    bench = Bench(args, tmp)
+    try:
+        report = bench.run()
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
