@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -89,6 +90,8 @@ class Gateway:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop_requested.set)
         await self.start()
+        # Everything built at start-up lives as long as the process: keep it out of GC scans.
+        gc.freeze()
         await stop_requested.wait()
         log.info("shutdown requested")
         await self.stop()

@@ -1,14 +1,14 @@
 """The trace buffer: spans grouped per trace id in wire form, each trace's summary and decision deadline.
 
-Spans are kept as their serialized bytes (framed as `ScopeSpans.spans` entries, one bytearray per trace),
-never as per-span Python objects; the summary the policies read is updated as spans arrive. Deadlines live
-in a heap. Traces that must be decided early (size limits) are handed to the decider at once through a
+Spans are kept as their serialized bytes (runs of framed `ScopeSpans.spans` entries), never as per-span
+Python objects; the summary the policies read is updated as spans arrive. Deadlines live in two FIFO
+queues. Traces that must be decided early (size limits) are handed to the decider at once through a
 callback, so nothing leaves the buffer undecided.
 """
 
 from __future__ import annotations
 
-import heapq
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +51,6 @@ class Trace:
         "attributes",
         "deadline",
         "items",
-        "last_scope",
         "max_end_ns",
         "root_seen",
         "span_count",
@@ -61,9 +60,9 @@ class Trace:
     def __init__(self, trace_id: bytes, deadline: float) -> None:
         self.trace_id = trace_id
         self.deadline = deadline
-        # Framed spans (TAG_SPANS, length, Span bytes), each run of them preceded by their Scope.
+        # Alternating Scope and run: the framed spans (TAG_SPANS, length, Span bytes) of that scope
+        # that arrived in one request, joined into one bytes object.
         self.items: list[bytes | Scope] = []
-        self.last_scope: Scope | None = None
         self.span_count = 0
         # Bits of the non-UNSET status codes seen, and how many spans had one: UNSET is derived.
         self._codes = 0
@@ -85,7 +84,7 @@ class Trace:
 
     @property
     def byte_count(self) -> int:
-        return sum(len(item) for item in self.items if type(item) is bytes)
+        return sum(len(run) for run in self.items[1::2] if isinstance(run, bytes))
 
     def attribute_values(self, key: str) -> Sequence[AttributeValue]:
         if self.attributes is None:
@@ -103,32 +102,35 @@ class Trace:
     def span_groups(self, extra: bytes = b"") -> list[SpanGroup]:
         """The trace's spans grouped by scope, each span with `extra` (encoded fields) appended."""
         runs: dict[Scope, list[bytes]] = {}
-        counts: dict[Scope, int] = {}
-        run: list[bytes] = []
-        scope: Scope | None = None
-        extra_length = len(extra)
-        for item in self.items:
-            if type(item) is not bytes:
-                assert isinstance(item, Scope)
-                scope = item
-                run = runs.setdefault(scope, [])
-                counts.setdefault(scope, 0)
-                continue
-            assert scope is not None
-            counts[scope] += 1
-            if not extra_length:
-                run.append(item)
-                continue
-            # Re-frame: the span grows by `extra`, so its length prefix changes.
-            byte = item[1]
-            if byte < 0x80:
-                length, start = byte, 2
-            else:
-                length, start = _read_varint(item, 1)
-            run.append(_span_prefix(length + extra_length))
-            run.append(item[start:])
-            run.append(extra)
-        return [(scope, b"".join(run), counts[scope]) for scope, run in runs.items()]
+        items = self.items
+        for index in range(0, len(items), 2):
+            scope, run = items[index], items[index + 1]
+            assert isinstance(scope, Scope) and isinstance(run, bytes)
+            runs.setdefault(scope, []).append(run)
+        groups: list[SpanGroup] = []
+        for scope, chunks in runs.items():
+            spans = [span for chunk in chunks for span in split_framed(chunk)]
+            if extra:
+                spans = [reframe(span, extra) for span in spans]
+            groups.append((scope, b"".join(spans), len(spans)))
+        return groups
+
+
+def split_framed(run: bytes) -> list[bytes]:
+    """The framed spans of a run, each still with its tag and length."""
+    spans = []
+    pos = 0
+    end = len(run)
+    while pos < end:
+        byte = run[pos + 1]
+        if byte < 0x80:
+            next_pos = pos + 2 + byte
+        else:
+            length, start = _read_varint(run, pos + 1)
+            next_pos = start + length
+        spans.append(run[pos:next_pos])
+        pos = next_pos
+    return spans
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -204,7 +206,7 @@ ForwardLate = Callable[[list[SpanGroup], int], None]
 
 
 class TraceBuffer:
-    """Per-trace windowed cache with incremental summaries, deadline heap and size limits."""
+    """Per-trace windowed cache with incremental summaries, deadline queues and size limits."""
 
     def __init__(
         self,
@@ -218,7 +220,12 @@ class TraceBuffer:
         self.clock = clock
         self.traces: dict[bytes, Trace] = {}
         self.span_count = 0
-        self._heap: list[tuple[float, bytes]] = []
+        # Deadline queues, each in deadline order by construction (monotonic clock, one wait each):
+        # traces by first arrival (deadline arrival + decision_wait) and traces whose root moved the
+        # deadline earlier (root arrival + decision_wait_after_root_received). O(1) per trace; a trace
+        # decided through one queue stays in the other until it reaches the head and is skipped.
+        self._by_arrival: deque[Trace] = deque()
+        self._by_root: deque[Trace] = deque()
         self._scopes: dict[tuple[bytes, bytes], Scope] = {}
         self._attribute_keys = attribute_keys
         # A span's serialized bytes contain `KeyValue.key` encoded like this when it has the key:
@@ -272,6 +279,8 @@ class TraceBuffer:
                 if scope_spans.schema_url:
                     scope_wire += frame(TAG_SCHEMA_URL, scope_spans.schema_url.encode())
                 scope = self.intern_scope(resource_wire, scope_wire)
+                # This scope's spans per trace, joined into one run per trace when the scope ends.
+                runs: dict[Trace, list[bytes]] = {}
                 # Not strict: framed_iter runs on across scopes; its length was checked by the decoder.
                 for span, framed in zip(scope_spans.spans, framed_iter, strict=False):
                     trace_id = span.trace_id
@@ -289,11 +298,11 @@ class TraceBuffer:
                         trace = self._new_trace(trace_id, now, scope, framed, result)
                         if trace is None:
                             continue
-                    items = trace.items
-                    if trace.last_scope is not scope:
-                        trace.last_scope = scope
-                        items.append(scope)
-                    items.append(framed)
+                    run = runs.get(trace)
+                    if run is None:
+                        runs[trace] = [framed]
+                    else:
+                        run.append(framed)
                     code = span.status.code
                     if code:
                         # Masked: a bad client may send any int32; unknown codes set unused bits.
@@ -305,14 +314,17 @@ class TraceBuffer:
                     end = span.end_time_unix_nano
                     if end > trace.max_end_ns:
                         trace.max_end_ns = end
-                    if not span.parent_span_id and not trace.root_seen:
+                    if not trace.root_seen and not span.parent_span_id:
                         self._root_arrived(trace, now)
                     if needles:
                         _extract_attributes(trace, span, framed, needles, keys, resource_values)
                     trace.span_count += 1
                     if trace.span_count >= max_spans:
                         early_spans += trace.span_count
+                        trace.items += (scope, b"".join(runs.pop(trace)))
                         self._decide_full(trace)
+                for trace, run in runs.items():
+                    trace.items += (scope, run[0] if len(run) == 1 else b"".join(run))
         accepted = len(framed_spans) - result.rejected
         result.accepted = accepted
         self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans
@@ -328,7 +340,7 @@ class TraceBuffer:
         decided = self.decisions.lookup(trace_id)
         if decided is None:
             trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait)
-            heapq.heappush(self._heap, (trace.deadline, trace_id))
+            self._by_arrival.append(trace)
             return trace
         if decided is False:
             result.late_dropped += 1
@@ -345,7 +357,7 @@ class TraceBuffer:
         root_deadline = now + self.settings.decision_wait_after_root_received
         if root_deadline < trace.deadline:
             trace.deadline = root_deadline
-            heapq.heappush(self._heap, (root_deadline, trace.trace_id))
+            self._by_root.append(trace)
 
     def _decide_full(self, trace: Trace) -> None:
         # Decided now, so the rest of its spans, even in this request, are late spans.
@@ -374,36 +386,50 @@ class TraceBuffer:
             if evicted:
                 self.decide_now(evicted, reason)
 
-    def _pop_earliest(self) -> Trace | None:
-        heap = self._heap
+    def _live_head(self, queue: deque[Trace]) -> Trace | None:
+        """The first trace of a deadline queue that is still buffered, dropping decided ones."""
         traces = self.traces
-        while heap:
-            deadline, trace_id = heapq.heappop(heap)
-            trace = traces.get(trace_id)
-            if trace is not None and trace.deadline == deadline:
-                del traces[trace_id]
+        while queue:
+            trace = queue[0]
+            if traces.get(trace.trace_id) is trace:
                 return trace
+            queue.popleft()
         return None
+
+    def _pop_earliest(self) -> Trace | None:
+        by_arrival = self._live_head(self._by_arrival)
+        by_root = self._live_head(self._by_root)
+        if by_arrival is None and by_root is None:
+            return None
+        if by_root is None or (by_arrival is not None and by_arrival.deadline <= by_root.deadline):
+            queue = self._by_arrival
+        else:
+            queue = self._by_root
+        trace = queue.popleft()
+        del self.traces[trace.trace_id]
+        return trace
 
     def pop_due(self, now: float) -> list[Trace]:
         """Remove and return every trace whose deadline has passed."""
-        heap = self._heap
         traces = self.traces
         due: list[Trace] = []
-        while heap and heap[0][0] <= now:
-            deadline, trace_id = heapq.heappop(heap)
-            trace = traces.get(trace_id)
-            if trace is not None and trace.deadline == deadline:
-                del traces[trace_id]
-                due.append(trace)
-                self.span_count -= trace.span_count
+        for queue in (self._by_root, self._by_arrival):
+            # A trace's deadline only ever moves earlier, so a head not yet due means none behind it is
+            # due through this queue.
+            while queue and queue[0].deadline <= now:
+                trace = queue.popleft()
+                if traces.get(trace.trace_id) is trace:
+                    del traces[trace.trace_id]
+                    due.append(trace)
+                    self.span_count -= trace.span_count
         return due
 
     def pop_all(self) -> list[Trace]:
         """Remove and return every buffered trace (shutdown)."""
         remaining = list(self.traces.values())
         self.traces.clear()
-        self._heap.clear()
+        self._by_arrival.clear()
+        self._by_root.clear()
         self.span_count = 0
         return remaining
 
