@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from cachetools import LRUCache
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
 
 from policies.base import STATUS_UNSET, AttributeValue
 from sampler.config import TailSamplingConfig
@@ -28,7 +30,6 @@ from sampler.otlp_wire import (
     SpanGroup,
     encode_varint,
     frame,
-    string_attribute,
 )
 
 _ZERO_TRACE_ID = bytes(16)
@@ -99,8 +100,12 @@ class Trace:
         if len(values) < _MAX_VALUES_PER_KEY and value not in values:
             values.append(value)
 
-    def span_groups(self, extra: bytes = b"") -> list[SpanGroup]:
-        """The trace's spans grouped by scope, each span with `extra` (encoded fields) appended."""
+    def span_groups(self) -> tuple[list[SpanGroup], int]:
+        """The trace's valid spans grouped by scope, and how many spans were left out as invalid.
+
+        Spans are checked in full here, once their trace is kept: one that is not a valid OTLP Span is
+        left out so that it cannot spoil a batch downstream.
+        """
         runs: dict[Scope, list[bytes]] = {}
         items = self.items
         for index in range(0, len(items), 2):
@@ -108,29 +113,60 @@ class Trace:
             assert isinstance(scope, Scope) and isinstance(run, bytes)
             runs.setdefault(scope, []).append(run)
         groups: list[SpanGroup] = []
+        invalid = 0
         for scope, chunks in runs.items():
-            spans = [span for chunk in chunks for span in split_framed(chunk)]
-            if extra:
-                spans = [reframe(span, extra) for span in spans]
-            groups.append((scope, b"".join(spans), len(spans)))
-        return groups
+            entries = b"".join(chunks)
+            try:
+                count = len(ScopeSpans.FromString(entries).spans)
+            except DecodeError:
+                framed = split_framed(entries)
+                valid = [span for span in framed if _is_valid_framed(span)]
+                invalid += len(framed) - len(valid)
+                entries = b"".join(valid)
+                count = len(valid)
+            if count:
+                groups.append((scope, entries, count))
+        return groups, invalid
 
 
-def split_framed(run: bytes) -> list[bytes]:
-    """The framed spans of a run, each still with its tag and length."""
+def split_framed(entries: bytes) -> list[bytes]:
+    """The framed spans of concatenated `ScopeSpans.spans` entries, each with its tag and length."""
     spans = []
     pos = 0
-    end = len(run)
+    end = len(entries)
     while pos < end:
-        byte = run[pos + 1]
-        if byte < 0x80:
-            next_pos = pos + 2 + byte
-        else:
-            length, start = _read_varint(run, pos + 1)
-            next_pos = start + length
-        spans.append(run[pos:next_pos])
-        pos = next_pos
+        length, start = _read_varint(entries, pos + 1)
+        spans.append(entries[pos : start + length])
+        pos = start + length
     return spans
+
+
+def frame_run(payloads: list[bytes]) -> bytes:
+    """Serialized spans as concatenated `ScopeSpans.spans` entries."""
+    prefixes = _SPAN_PREFIXES
+    try:
+        if len(payloads) == 1:
+            return prefixes[len(payloads[0])] + payloads[0]
+        return b"".join([part for payload in payloads for part in (prefixes[len(payload)], payload)])
+    except IndexError:  # a span over 16 KiB
+        return b"".join([_span_prefix(len(payload)) + payload for payload in payloads])
+
+
+def _is_valid_framed(framed: bytes) -> bool:
+    try:
+        ScopeSpans.FromString(framed)
+    except DecodeError:
+        return False
+    return True
+
+
+def is_valid_span(payload: bytes) -> bool:
+    """Whether serialized bytes are a valid OTLP Span (the full check kept spans get)."""
+    try:
+        Span.FromString(payload)
+    except DecodeError:
+        return False
+    return True
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -146,19 +182,38 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     return value, pos
 
 
-_SPAN_PREFIXES = [bytes((TAG_SPANS,)) + encode_varint(length) for length in range(4096)]
+# Tag and length prefixes of spans up to 16 KiB (two-byte lengths), built once.
+_SPAN_PREFIXES = [bytes((TAG_SPANS,)) + encode_varint(length) for length in range(1 << 14)]
 
 
 def _span_prefix(length: int) -> bytes:
-    if length < 4096:
+    if length < len(_SPAN_PREFIXES):
         return _SPAN_PREFIXES[length]
     return bytes((TAG_SPANS,)) + encode_varint(length)
 
 
-def reframe(framed: bytes, extra: bytes) -> bytes:
-    """A framed span with `extra` (encoded fields) appended to the span."""
-    length, start = _read_varint(framed, 1)
-    return _span_prefix(length + len(extra)) + framed[start:] + extra
+class SpanFields(Protocol):
+    """The span fields the buffer reads; decoders hand it parsed spans that have at least these."""
+
+    trace_id: bytes
+    span_id: bytes
+    parent_span_id: bytes
+    start_time_unix_nano: int
+    end_time_unix_nano: int
+
+    @property
+    def status(self) -> Any: ...
+
+
+@dataclass(slots=True)
+class SpanBatch:
+    """The spans of one ScopeSpans of a request, as receivers hand them to the buffer."""
+
+    resource: bytes  # ResourceSpans fields other than scope_spans, in wire form
+    scope: bytes  # ScopeSpans fields other than spans, in wire form
+    resource_payload: bytes  # the serialized Resource message, for policies reading its attributes
+    spans: Sequence[SpanFields]
+    payloads: Sequence[bytes]  # each span's serialized bytes, in the order of `spans`
 
 
 class DecisionCache:
@@ -178,10 +233,9 @@ class DecisionCache:
 
     def lookup(self, trace_id: bytes) -> str | bool | None:
         """The keeping policy's name if kept, False if dropped, None if unknown."""
-        if self.kept is not None:
-            policy = self.kept.get(trace_id)
-            if policy is not None:
-                return policy
+        # Membership first: a miss, the common case for a new trace, costs one call per cache.
+        if self.kept is not None and trace_id in self.kept:
+            return self.kept[trace_id]
         if self.dropped is not None and trace_id in self.dropped:
             return False
         return None
@@ -196,13 +250,14 @@ class IngestResult:
     errors: list[str] = field(default_factory=list)
     late_kept: int = 0
     late_dropped: int = 0
-    # Late spans of kept traces, to forward at once.
-    late: list[SpanGroup] = field(default_factory=list)
+    late_invalid: int = 0  # late spans of kept traces left out as not valid OTLP
+    # Late spans of kept traces, to forward at once: (keeping policy, scope, framed span).
+    late: list[tuple[str, Scope, bytes]] = field(default_factory=list)
 
 
 # The decider's entry points, injected so the buffer never imports downstream modules.
 DecideNow = Callable[[list[Trace], str], None]
-ForwardLate = Callable[[list[SpanGroup], int], None]
+ForwardLate = Callable[[list[tuple[str, Scope, bytes]]], None]
 
 
 class TraceBuffer:
@@ -233,7 +288,6 @@ class TraceBuffer:
         self._needles = [frame(0x0A, key.encode()) for key in sorted(attribute_keys)]
         self.decide_now: DecideNow = _refuse_decision
         self.forward_late: ForwardLate = _refuse_late
-        self.record_policy = settings.record_policy
 
     def connect(self, decide_now: DecideNow, forward_late: ForwardLate) -> None:
         """Wire the decider: where early-decided traces and late spans of kept traces go."""
@@ -249,12 +303,11 @@ class TraceBuffer:
             interned = self._scopes[key] = Scope(resource, scope)
         return interned
 
-    def add_spans(self, request: ExportTraceServiceRequest, framed_spans: list[bytes]) -> IngestResult:
-        """Buffer every span of a parsed request.
+    def add_spans(self, batches: list[SpanBatch]) -> IngestResult:
+        """Buffer the spans of one decoded request.
 
-        `framed_spans` holds each span's `ScopeSpans.spans` entry (tag, length, bytes) in message order.
-        This loop runs once per span: it is written for the interpreter, with the rare cases (new trace,
-        root span, scope change, invalid ids, full trace) moved out to methods.
+        The inner loop runs once per span: it is written for the interpreter, with the rare cases (new
+        trace, root span, invalid ids, full trace) moved out to methods.
         """
         result = IngestResult()
         now = self.clock()
@@ -264,79 +317,70 @@ class TraceBuffer:
         keys = self._attribute_keys
         spans_before = self.span_count
         early_spans = 0
-        framed_iter = iter(framed_spans)
-        for resource_spans in request.resource_spans:
-            resource_wire = b""
-            if resource_spans.HasField("resource"):
-                resource_wire = frame(TAG_RESOURCE, resource_spans.resource.SerializeToString())
-            if resource_spans.schema_url:
-                resource_wire += frame(TAG_SCHEMA_URL, resource_spans.schema_url.encode())
-            resource_values = _wanted_values(resource_spans.resource.attributes, keys) if keys else []
-            for scope_spans in resource_spans.scope_spans:
-                scope_wire = b""
-                if scope_spans.HasField("scope"):
-                    scope_wire = frame(TAG_SCOPE, scope_spans.scope.SerializeToString())
-                if scope_spans.schema_url:
-                    scope_wire += frame(TAG_SCHEMA_URL, scope_spans.schema_url.encode())
-                scope = self.intern_scope(resource_wire, scope_wire)
-                # This scope's spans per trace, joined into one run per trace when the scope ends.
-                runs: dict[Trace, list[bytes]] = {}
-                # Not strict: framed_iter runs on across scopes; its length was checked by the decoder.
-                for span, framed in zip(scope_spans.spans, framed_iter, strict=False):
-                    trace_id = span.trace_id
-                    span_id = span.span_id
-                    if (
-                        len(trace_id) != 16
-                        or len(span_id) != 8
-                        or trace_id == _ZERO_TRACE_ID
-                        or span_id == _ZERO_SPAN_ID
-                    ):
-                        _reject(result, trace_id, span_id)
-                        continue
-                    trace = get_trace(trace_id)
+        total = 0
+        resource_values: list[tuple[str, AttributeValue]] = []
+        for batch in batches:
+            scope = self.intern_scope(batch.resource, batch.scope)
+            if keys:
+                resource_values = _wanted_values(Resource.FromString(batch.resource_payload).attributes, keys)
+            total += len(batch.payloads)
+            # This scope's spans per trace, joined into one run per trace at the end of the batch.
+            runs: dict[Trace, list[bytes]] = {}
+            for span, payload in zip(batch.spans, batch.payloads, strict=True):
+                trace_id = span.trace_id
+                span_id = span.span_id
+                if (
+                    len(trace_id) != 16
+                    or len(span_id) != 8
+                    or trace_id == _ZERO_TRACE_ID
+                    or span_id == _ZERO_SPAN_ID
+                ):
+                    _reject(result, trace_id, span_id)
+                    continue
+                trace = get_trace(trace_id)
+                if trace is None:
+                    trace = self._new_trace(trace_id, now, scope, payload, result)
                     if trace is None:
-                        trace = self._new_trace(trace_id, now, scope, framed, result)
-                        if trace is None:
-                            continue
-                    run = runs.get(trace)
-                    if run is None:
-                        runs[trace] = [framed]
-                    else:
-                        run.append(framed)
-                    code = span.status.code
-                    if code:
-                        # Masked: a bad client may send any int32; unknown codes set unused bits.
-                        trace._codes |= 1 << (code & 31)
-                        trace._coded_spans += 1
-                    start = span.start_time_unix_nano
-                    if start < trace._min_start:
-                        trace._min_start = start
-                    end = span.end_time_unix_nano
-                    if end > trace.max_end_ns:
-                        trace.max_end_ns = end
-                    if not trace.root_seen and not span.parent_span_id:
-                        self._root_arrived(trace, now)
-                    if needles:
-                        _extract_attributes(trace, span, framed, needles, keys, resource_values)
-                    trace.span_count += 1
-                    if trace.span_count >= max_spans:
-                        early_spans += trace.span_count
-                        trace.items += (scope, b"".join(runs.pop(trace)))
-                        self._decide_full(trace)
-                for trace, run in runs.items():
-                    trace.items += (scope, run[0] if len(run) == 1 else b"".join(run))
-        accepted = len(framed_spans) - result.rejected
+                        continue
+                run = runs.get(trace)
+                if run is None:
+                    runs[trace] = [payload]
+                else:
+                    run.append(payload)
+                code = span.status.code
+                if code:
+                    # Masked: a bad client may send any int32; unknown codes set unused bits.
+                    trace._codes |= 1 << (code & 31)
+                    trace._coded_spans += 1
+                start = span.start_time_unix_nano
+                if start < trace._min_start:
+                    trace._min_start = start
+                end = span.end_time_unix_nano
+                if end > trace.max_end_ns:
+                    trace.max_end_ns = end
+                if not trace.root_seen and not span.parent_span_id:
+                    self._root_arrived(trace, now)
+                if needles:
+                    _extract_attributes(trace, payload, needles, keys, resource_values)
+                trace.span_count += 1
+                if trace.span_count >= max_spans:
+                    early_spans += trace.span_count
+                    trace.items += (scope, frame_run(runs.pop(trace)))
+                    self._decide_full(trace)
+            for trace, run in runs.items():
+                trace.items += (scope, frame_run(run))
+        accepted = total - result.rejected
         result.accepted = accepted
         self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans
         if result.late:
-            self.forward_late(result.late, len(result.late))
+            self.forward_late(result.late)
         self._enforce_limits()
         return result
 
     def _new_trace(
-        self, trace_id: bytes, now: float, scope: Scope, framed: bytes, result: IngestResult
+        self, trace_id: bytes, now: float, scope: Scope, payload: bytes, result: IngestResult
     ) -> Trace | None:
-        """Start buffering a trace, or, if it was decided already, handle `framed` as a late span."""
+        """Start buffering a trace, or, if it was decided already, handle `payload` as a late span."""
         decided = self.decisions.lookup(trace_id)
         if decided is None:
             trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait)
@@ -346,9 +390,10 @@ class TraceBuffer:
             result.late_dropped += 1
         else:
             assert isinstance(decided, str)
-            if self.record_policy:
-                framed = reframe(framed, string_attribute("tailsampling.policy", decided))
-            result.late.append((scope, framed, 1))
+            if is_valid_span(payload):
+                result.late.append((decided, scope, _span_prefix(len(payload)) + payload))
+            else:
+                result.late_invalid += 1
             result.late_kept += 1
         return None
 
@@ -446,8 +491,7 @@ def _reject(result: IngestResult, trace_id: bytes, span_id: bytes) -> None:
 
 def _extract_attributes(
     trace: Trace,
-    span: Span,
-    framed: bytes,
+    payload: bytes,
     needles: list[bytes],
     keys: frozenset[str],
     resource_values: list[tuple[str, AttributeValue]],
@@ -455,8 +499,12 @@ def _extract_attributes(
     for key, value in resource_values:
         trace.add_attribute(key, value)
     for needle in needles:
-        if needle in framed:
-            for key, value in _wanted_values(span.attributes, keys):
+        if needle in payload:
+            try:
+                attributes = Span.FromString(payload).attributes
+            except DecodeError:
+                return  # found invalid when the trace is kept, and dropped then
+            for key, value in _wanted_values(attributes, keys):
                 trace.add_attribute(key, value)
             return
 
@@ -488,5 +536,5 @@ def _refuse_decision(traces: list[Trace], reason: str) -> None:
     raise RuntimeError("TraceBuffer.connect() was not called")
 
 
-def _refuse_late(groups: list[SpanGroup], span_count: int) -> None:
+def _refuse_late(spans: list[tuple[str, Scope, bytes]]) -> None:
     raise RuntimeError("TraceBuffer.connect() was not called")

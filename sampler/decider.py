@@ -10,16 +10,19 @@ from collections.abc import Callable, Sequence
 
 from policies.base import Decision, Policy
 from policies.combine import deciding_policy
-from sampler.buffer import DecisionCache, Trace, TraceBuffer
+from sampler.buffer import DecisionCache, IngestResult, Trace, TraceBuffer
 from sampler.exporters.base import Exporter
+from sampler.exporters.batching import LogThrottle
 from sampler.metrics import Metrics
-from sampler.otlp_wire import SpanGroup, string_attribute
+from sampler.otlp_wire import Scope, SpanGroup, scope_with_attribute
 
 log = logging.getLogger(__name__)
 
 # Traces decided per slice of the tick loop before yielding to the event loop, so a burst of due
 # traces does not stall ingest.
 _DECIDE_SLICE = 2000
+# Scopes with the keeping policy recorded, cached; the cache starts over when it reaches this size.
+_MAX_POLICY_SCOPES = 10_000
 
 
 class Decider:
@@ -44,7 +47,7 @@ class Decider:
         self.clock = clock
         self.tick = tick
         self.record_policy = record_policy
-        self._policy_attribute: dict[str, bytes] = {}
+        self._policy_scopes: dict[tuple[Scope, str], Scope] = {}
         self._evaluators = [policy.evaluate for policy in self.policies]
         self._kept_traces = metrics.traces_decided.labels("kept")
         self._dropped_traces = metrics.traces_decided.labels("dropped")
@@ -52,6 +55,8 @@ class Decider:
         self._dropped_spans = metrics.spans_decided.labels("dropped")
         self._late_kept = metrics.late_spans.labels("kept")
         self._late_dropped = metrics.late_spans.labels("dropped")
+        self._invalid_spans = metrics.invalid_spans
+        self._invalid_log = LogThrottle()
         self._task: asyncio.Task[None] | None = None
 
     def decide(self, traces: list[Trace], reason: str | None = None) -> None:
@@ -64,6 +69,7 @@ class Decider:
         kept_spans = 0
         kept_traces = 0
         dropped_spans = 0
+        invalid_spans = 0
         for trace in traces:
             try:
                 verdicts: list[Decision | None] = [evaluate(trace, now) for evaluate in evaluators]
@@ -78,8 +84,10 @@ class Decider:
                     voters = [p.name for p, v in zip(self.policies, verdicts, strict=True) if v is not None]
                     kept_by = voters[deciding]
                     record(trace.trace_id, kept_by)
-                    kept_groups.extend(trace.span_groups(self._extra(kept_by)))
-                    kept_spans += trace.span_count
+                    groups, invalid = trace.span_groups()
+                    kept_groups += self._mark(kept_by, groups)
+                    kept_spans += trace.span_count - invalid
+                    invalid_spans += invalid
                     kept_traces += 1
                     continue
             record(trace.trace_id, None)
@@ -88,6 +96,8 @@ class Decider:
             observe = self.metrics.decision_delay.observe
             for trace in traces:
                 observe(max(0.0, now - trace.deadline))
+        if invalid_spans:
+            self.count_invalid(invalid_spans)
         if kept_groups:
             for exporter in self.exporters:
                 exporter.export(kept_groups, kept_spans)
@@ -130,24 +140,45 @@ class Decider:
                 label = "error" if verdict is None else verdict.value
                 self.metrics.policy_decisions.labels(policy.name, label).inc(count)
 
-    def _extra(self, policy_name: str) -> bytes:
+    def _mark(self, policy_name: str, groups: list[SpanGroup]) -> list[SpanGroup]:
+        """Record the keeping policy as the OTel Collector does: `tailsampling.policy` on the scope."""
         if not self.record_policy:
-            return b""
-        extra = self._policy_attribute.get(policy_name)
-        if extra is None:
-            extra = self._policy_attribute[policy_name] = string_attribute("tailsampling.policy", policy_name)
-        return extra
+            return groups
+        return [(self._policy_scope(scope, policy_name), entries, count) for scope, entries, count in groups]
 
-    def forward_late(self, groups: list[SpanGroup], span_count: int) -> None:
+    def _policy_scope(self, scope: Scope, policy_name: str) -> Scope:
+        key = (scope, policy_name)
+        marked = self._policy_scopes.get(key)
+        if marked is None:
+            if len(self._policy_scopes) >= _MAX_POLICY_SCOPES:
+                self._policy_scopes.clear()
+            marked = self._policy_scopes[key] = scope_with_attribute(
+                scope, "tailsampling.policy", policy_name
+            )
+        return marked
+
+    def forward_late(self, spans: list[tuple[str, Scope, bytes]]) -> None:
         """Send late spans of kept traces straight to the exporters."""
+        groups = [
+            (self._policy_scope(scope, policy) if self.record_policy else scope, framed, 1)
+            for policy, scope, framed in spans
+        ]
         for exporter in self.exporters:
-            exporter.export(groups, span_count)
+            exporter.export(groups, len(groups))
 
-    def count_late(self, kept: int, dropped: int) -> None:
-        if kept:
-            self._late_kept.inc(kept)
-        if dropped:
-            self._late_dropped.inc(dropped)
+    def count_invalid(self, spans: int) -> None:
+        self._invalid_spans.inc(spans)
+        if self._invalid_log.allow():
+            log.warning("left out %d spans of kept traces that are not valid OTLP", spans)
+
+    def count_late(self, result: IngestResult) -> None:
+        """Count what became of a request's late spans."""
+        if result.late_kept:
+            self._late_kept.inc(result.late_kept)
+        if result.late_dropped:
+            self._late_dropped.inc(result.late_dropped)
+        if result.late_invalid:
+            self.count_invalid(result.late_invalid)
 
     async def _run(self) -> None:
         while True:

@@ -94,6 +94,11 @@ class Metrics:
             ["decision"],
             registry=r,
         )
+        self.invalid_spans = Counter(
+            "tailgate_invalid_spans",
+            "Spans of kept traces left out because they are not valid OTLP (checked in full only on keep).",
+            registry=r,
+        )
         self.buffered_traces = Gauge("tailgate_buffered_traces", "Traces waiting for a decision.", registry=r)
         self.buffered_spans = Gauge(
             "tailgate_buffered_spans", "Spans waiting for their trace's decision.", registry=r

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+
 # Field tags (field number << 3 | wire type 2) of the messages on the path request → span.
 TAG_RESOURCE_SPANS = 0x0A  # ExportTraceServiceRequest.resource_spans = 1
 TAG_RESOURCE = 0x0A  # ResourceSpans.resource = 1
@@ -16,10 +18,6 @@ TAG_SCOPE_SPANS = 0x12  # ResourceSpans.scope_spans = 2
 TAG_SCHEMA_URL = 0x1A  # ResourceSpans.schema_url = 3, ScopeSpans.schema_url = 3
 TAG_SCOPE = 0x0A  # ScopeSpans.scope = 1
 TAG_SPANS = 0x12  # ScopeSpans.spans = 2
-TAG_ATTRIBUTES = 0x4A  # Span.attributes = 9
-TAG_KEY = 0x0A  # KeyValue.key = 1
-TAG_VALUE = 0x12  # KeyValue.value = 2
-TAG_STRING_VALUE = 0x0A  # AnyValue.string_value = 1
 
 _VARINT_CACHE = [bytes([n]) for n in range(128)]
 
@@ -39,12 +37,6 @@ def encode_varint(value: int) -> bytes:
 def frame(tag: int, payload: bytes) -> bytes:
     """Encode one length-delimited field: tag, length, payload."""
     return bytes((tag,)) + encode_varint(len(payload)) + payload
-
-
-def string_attribute(key: str, value: str) -> bytes:
-    """A `Span.attributes` entry (KeyValue with a string AnyValue), ready to append to a span."""
-    any_value = frame(TAG_STRING_VALUE, value.encode())
-    return frame(TAG_ATTRIBUTES, frame(TAG_KEY, key.encode()) + frame(TAG_VALUE, any_value))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -114,67 +106,6 @@ def _iter_fields(buf: bytes, start: int, end: int) -> list[tuple[int, int, int]]
     return fields
 
 
-def slice_spans(body: bytes) -> list[bytes]:
-    """Each span's `ScopeSpans.spans` entry (tag, length, Span bytes) in a request, in message order.
-
-    Cheaper than re-serializing every parsed span. Call it only on a body that parsed: the caller checks
-    that the number of slices equals the number of parsed spans.
-    """
-    spans: list[bytes] = []
-    append = spans.append
-    for tag, start, end in iter_fields(body):
-        if tag != TAG_RESOURCE_SPANS:
-            continue
-        for tag2, start2, end2 in iter_fields(body, start, end):
-            if tag2 != TAG_SCOPE_SPANS:
-                continue
-            pos = start2
-            # Inline walk of ScopeSpans, the loop that runs once per span: the usual entry is a
-            # one-byte tag and a one- or two-byte length; anything else takes the general path.
-            while pos < end2:
-                if body[pos] == TAG_SPANS:
-                    byte = body[pos + 1]
-                    if byte < 0x80:
-                        end_of_span = pos + 2 + byte
-                        append(body[pos:end_of_span])
-                        pos = end_of_span
-                        continue
-                    byte2 = body[pos + 2]
-                    if byte2 < 0x80:
-                        end_of_span = pos + 3 + ((byte & 0x7F) | (byte2 << 7))
-                        append(body[pos:end_of_span])
-                        pos = end_of_span
-                        continue
-                field_end = _field_end(body, pos)
-                if body[pos] == TAG_SPANS:
-                    append(body[pos:field_end])
-                pos = field_end
-            if pos != end2:
-                raise ValueError("truncated message")
-    return spans
-
-
-def _field_end(buf: bytes, pos: int) -> int:
-    """Where the field starting at `pos` ends."""
-    tag, pos = _read_varint(buf, pos)
-    wire_type = tag & 7
-    if wire_type == 2:
-        length, pos = _read_varint(buf, pos)
-        return pos + length
-    if wire_type == 0:
-        return _read_varint(buf, pos)[1]
-    if wire_type == 1:
-        return pos + 8
-    if wire_type == 5:
-        return pos + 4
-    raise ValueError(f"unsupported wire type {wire_type}")
-
-
-def iter_framed(entries: bytes) -> list[bytes]:
-    """Split concatenated `ScopeSpans.spans` entries back into span payloads."""
-    return [entries[start:end] for _, start, end in iter_fields(entries)]
-
-
 def encode_request(groups: list[SpanGroup]) -> bytes:
     """Build an ExportTraceServiceRequest from span groups, merging groups of the same Scope."""
     by_resource: dict[bytes, dict[bytes, list[bytes]]] = {}
@@ -194,3 +125,19 @@ def encode_request(groups: list[SpanGroup]) -> bytes:
         )
         out.append(frame(TAG_RESOURCE_SPANS, resource + scope_spans))
     return b"".join(out)
+
+
+def scope_with_attribute(scope: Scope, key: str, value: str) -> Scope:
+    """`scope` with a string attribute set on its InstrumentationScope, replacing any of that key."""
+    instrumentation = InstrumentationScope()
+    others: list[bytes] = []
+    for tag, start, end in iter_fields(scope.scope):
+        if tag == TAG_SCOPE:
+            instrumentation.MergeFromString(scope.scope[start:end])
+        else:
+            others.append(frame(tag, scope.scope[start:end]))
+    attributes = [kv for kv in instrumentation.attributes if kv.key != key]
+    del instrumentation.attributes[:]
+    instrumentation.attributes.extend(attributes)
+    instrumentation.attributes.add(key=key).value.string_value = value
+    return Scope(scope.resource, frame(TAG_SCOPE, instrumentation.SerializeToString()) + b"".join(others))

@@ -72,6 +72,14 @@ class Downstream:
             for span in ss.spans
         ]
 
+    def kept_by(self) -> dict[bytes, set[str]]:
+        """Per trace id, the `tailsampling.policy` values on the scopes its spans arrived under."""
+        policies: dict[bytes, set[str]] = {}
+        for _, scope, span in self.spans():
+            names = policies.setdefault(span.trace_id, set())
+            names.update(kv.value.string_value for kv in scope.attributes if kv.key == "tailsampling.policy")
+        return policies
+
     def spans_by_trace(self) -> dict[bytes, list[Span]]:
         traces: dict[bytes, list[Span]] = {}
         for _, _, span in self.spans():

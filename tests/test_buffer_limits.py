@@ -64,7 +64,11 @@ async def test_late_spans_follow_the_decision(start_gateway: GatewayFactory, dow
     assert dropped_id not in downstream.spans_by_trace()
     late = downstream.spans_by_trace()[kept_id][-1]
     assert late.span_id == spans[3].span_id
-    assert {kv.key: kv.value.string_value for kv in late.attributes}["tailsampling.policy"] == "errors"
+    assert downstream.kept_by()[kept_id] == {"errors"}  # recorded on the late span's scope too
+    late_scope = next(scope for _, scope, span in downstream.spans() if span.span_id == late.span_id)
+    assert [(kv.key, kv.value.string_value) for kv in late_scope.attributes] == [
+        ("tailsampling.policy", "errors")
+    ]
     assert metric(gateway, "tailgate_buffered_traces") == 0
 
 

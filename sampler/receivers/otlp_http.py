@@ -9,12 +9,9 @@ from collections.abc import Callable
 from aiohttp import web
 from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from sampler.buffer import IngestResult, TraceBuffer
+from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
 from sampler.config import OTLPHTTPReceiverConfig
 from sampler.errors import DecodeError
 from sampler.metrics import Metrics
@@ -30,7 +27,7 @@ _INVALID_ARGUMENT = 3
 _RESOURCE_EXHAUSTED = 8
 _EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
 
-Decoder = Callable[[bytes], tuple[ExportTraceServiceRequest, list[bytes]]]
+Decoder = Callable[[bytes], list[SpanBatch]]
 _DECODERS: dict[str, Decoder] = {PROTOBUF: decode_protobuf, JSON: decode_json}
 
 
@@ -52,7 +49,7 @@ class OTLPHTTPReceiver:
         config: OTLPHTTPReceiverConfig,
         buffer: TraceBuffer,
         metrics: Metrics,
-        count_late: Callable[[int, int], None],
+        count_late: Callable[[IngestResult], None],
     ) -> None:
         self.config = config
         self.buffer = buffer
@@ -97,13 +94,13 @@ class OTLPHTTPReceiver:
                 )
             body = await self._read_body(request)
             try:
-                parsed, raw_spans = decoder(body)
+                batches = decoder(body)
             except DecodeError as error:
                 raise RequestRejected(400, "malformed", str(error)) from None
         except RequestRejected as rejected:
             self.metrics.rejected_requests.labels(PROTOCOL, rejected.reason).inc()
             return _error_reply(rejected, content_type)
-        result = self.buffer.add_spans(parsed, raw_spans)
+        result = self.buffer.add_spans(batches)
         self._count(result)
         return _success_reply(result, content_type)
 
@@ -138,7 +135,7 @@ class OTLPHTTPReceiver:
         if result.rejected:
             self._rejected.inc(result.rejected)
         if result.late_kept or result.late_dropped:
-            self.count_late(result.late_kept, result.late_dropped)
+            self.count_late(result)
 
 
 def _success_reply(result: IngestResult, content_type: str) -> web.Response:

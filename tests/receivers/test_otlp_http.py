@@ -10,6 +10,7 @@ import pytest
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from sampler.otlp_wire import TAG_RESOURCE, TAG_RESOURCE_SPANS, TAG_SCOPE, TAG_SCOPE_SPANS, TAG_SPANS, frame
 from tests.conftest import (
     Downstream,
     GatewayFactory,
@@ -178,3 +179,30 @@ async def test_invalid_ids_rejected_in_partial_success(
     assert (
         metric(gateway, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="rejected") == rejected
     )
+
+
+async def test_kept_span_with_invalid_contents_is_left_out_not_forwarded(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    """Decoding reads only the fields the buffer needs; the rest of a span is checked when it is kept.
+
+    A span whose name is not UTF-8 (invalid in proto3) must not reach the backend, where it would spoil
+    the whole batch; the valid spans of the same trace and request still arrive.
+    """
+    gateway = await start_gateway(gateway_config(downstream))
+    request = make_request(traces=2, spans_per_trace=3)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    bad_index = 1
+    payloads = [span.SerializeToString() for span in spans]
+    payloads[bad_index] += frame(0x2A, b"\xff\xfe")  # Span.name again, not UTF-8: the last one wins
+    scope_spans = frame(TAG_SCOPE, request.resource_spans[0].scope_spans[0].scope.SerializeToString())
+    scope_spans += b"".join(frame(TAG_SPANS, payload) for payload in payloads)
+    resource_spans = frame(TAG_RESOURCE, request.resource_spans[0].resource.SerializeToString())
+    resource_spans += frame(TAG_SCOPE_SPANS, scope_spans)
+    status, _, _ = await post(receiver_url(gateway), frame(TAG_RESOURCE_SPANS, resource_spans), PROTOBUF)
+    assert status == 200
+    expected = {span.span_id for index, span in enumerate(spans) if index != bad_index}
+    await wait_for(lambda: len(downstream.spans()) == 5)
+    await wait_for(lambda: metric(gateway, "tailgate_invalid_spans_total") == 1)
+    assert {span.span_id for _, _, span in downstream.spans()} == expected
+    assert metric(gateway, "tailgate_exporter_sent_spans_total", exporter="otlp_http") == 5
