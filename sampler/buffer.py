@@ -22,9 +22,6 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
 from policies.base import STATUS_UNSET, AttributeValue
 from sampler.config import TailSamplingConfig
 from sampler.otlp_wire import (
-    TAG_RESOURCE,
-    TAG_SCHEMA_URL,
-    TAG_SCOPE,
     TAG_SPANS,
     Scope,
     SpanGroup,
