@@ -93,9 +93,7 @@ class Decider:
             record(trace.trace_id, None)
             dropped_spans += trace.span_count
         if reason is None:
-            observe = self.metrics.decision_delay.observe
-            for trace in traces:
-                observe(max(0.0, now - trace.deadline))
+            self.metrics.decision_delay.observe_many([max(0.0, now - trace.deadline) for trace in traces])
         if invalid_spans:
             self.count_invalid(invalid_spans)
         if kept_groups:

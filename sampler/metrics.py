@@ -30,6 +30,13 @@ class FastHistogram(Collector):
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
+    def observe_many(self, values: list[float]) -> None:
+        bounds = self.bounds
+        counts = self.counts
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1
+        self.total += sum(values)
+
     def collect(self) -> Iterable[HistogramMetricFamily]:
         cumulative = []
         running = 0

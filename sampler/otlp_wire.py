@@ -118,13 +118,18 @@ def encode_request(groups: list[SpanGroup]) -> bytes:
             scopes[scope.scope] = [entries]
         else:
             runs.append(entries)
-    out: list[bytes] = []
+    # Lengths first, then a single join: the span bytes are copied once, not once per nesting level.
+    parts: list[bytes] = []
     for resource, scopes in by_resource.items():
-        scope_spans = b"".join(
-            frame(TAG_SCOPE_SPANS, scope + b"".join(runs)) for scope, runs in scopes.items()
-        )
-        out.append(frame(TAG_RESOURCE_SPANS, resource + scope_spans))
-    return b"".join(out)
+        scope_parts: list[bytes] = []
+        resource_length = len(resource)
+        for scope_fields, runs in scopes.items():
+            scope_length = len(scope_fields) + sum(map(len, runs))
+            header = bytes((TAG_SCOPE_SPANS,)) + encode_varint(scope_length)
+            scope_parts += (header, scope_fields, *runs)
+            resource_length += len(header) + scope_length
+        parts += (bytes((TAG_RESOURCE_SPANS,)) + encode_varint(resource_length), resource, *scope_parts)
+    return b"".join(parts)
 
 
 def scope_with_attribute(scope: Scope, key: str, value: str) -> Scope:
