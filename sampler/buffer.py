@@ -22,11 +22,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
 from policies.base import STATUS_UNSET, AttributeValue
 from sampler.config import TailSamplingConfig
 from sampler.otlp_wire import (
-    TAG_SPANS,
     Scope,
     SpanGroup,
-    encode_varint,
     frame,
+    frame_run,
+    span_prefix,
+    split_framed,
 )
 
 _ZERO_TRACE_ID = bytes(16)
@@ -126,29 +127,6 @@ class Trace:
         return groups, invalid
 
 
-def split_framed(entries: bytes) -> list[bytes]:
-    """The framed spans of concatenated `ScopeSpans.spans` entries, each with its tag and length."""
-    spans = []
-    pos = 0
-    end = len(entries)
-    while pos < end:
-        length, start = _read_varint(entries, pos + 1)
-        spans.append(entries[pos : start + length])
-        pos = start + length
-    return spans
-
-
-def frame_run(payloads: list[bytes]) -> bytes:
-    """Serialized spans as concatenated `ScopeSpans.spans` entries."""
-    prefixes = _SPAN_PREFIXES
-    try:
-        if len(payloads) == 1:
-            return prefixes[len(payloads[0])] + payloads[0]
-        return b"".join([part for payload in payloads for part in (prefixes[len(payload)], payload)])
-    except IndexError:  # a span over 16 KiB
-        return b"".join([_span_prefix(len(payload)) + payload for payload in payloads])
-
-
 def _is_valid_framed(framed: bytes) -> bool:
     try:
         ScopeSpans.FromString(framed)
@@ -164,29 +142,6 @@ def is_valid_span(payload: bytes) -> bool:
     except DecodeError:
         return False
     return True
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    byte = data[pos]
-    pos += 1
-    value = byte & 0x7F
-    shift = 7
-    while byte & 0x80:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-    return value, pos
-
-
-# Tag and length prefixes of spans up to 16 KiB (two-byte lengths), built once.
-_SPAN_PREFIXES = [bytes((TAG_SPANS,)) + encode_varint(length) for length in range(1 << 14)]
-
-
-def _span_prefix(length: int) -> bytes:
-    if length < len(_SPAN_PREFIXES):
-        return _SPAN_PREFIXES[length]
-    return bytes((TAG_SPANS,)) + encode_varint(length)
 
 
 class SpanFields(Protocol):
@@ -388,7 +343,7 @@ class TraceBuffer:
         else:
             assert isinstance(decided, str)
             if is_valid_span(payload):
-                result.late.append((decided, scope, _span_prefix(len(payload)) + payload))
+                result.late.append((decided, scope, span_prefix(len(payload)) + payload))
             else:
                 result.late_invalid += 1
             result.late_kept += 1

@@ -146,3 +146,37 @@ def scope_with_attribute(scope: Scope, key: str, value: str) -> Scope:
     instrumentation.attributes.extend(attributes)
     instrumentation.attributes.add(key=key).value.string_value = value
     return Scope(scope.resource, frame(TAG_SCOPE, instrumentation.SerializeToString()) + b"".join(others))
+
+
+# Tag and length prefixes of spans up to 16 KiB (two-byte lengths), built once.
+_SPAN_PREFIXES = [bytes((TAG_SPANS,)) + encode_varint(length) for length in range(1 << 14)]
+
+
+def span_prefix(length: int) -> bytes:
+    """The `ScopeSpans.spans` tag and length for a span of `length` bytes."""
+    if length < len(_SPAN_PREFIXES):
+        return _SPAN_PREFIXES[length]
+    return bytes((TAG_SPANS,)) + encode_varint(length)
+
+
+def frame_run(payloads: list[bytes]) -> bytes:
+    """Serialized spans as concatenated `ScopeSpans.spans` entries."""
+    prefixes = _SPAN_PREFIXES
+    try:
+        if len(payloads) == 1:
+            return prefixes[len(payloads[0])] + payloads[0]
+        return b"".join([part for payload in payloads for part in (prefixes[len(payload)], payload)])
+    except IndexError:  # a span over 16 KiB
+        return b"".join([span_prefix(len(payload)) + payload for payload in payloads])
+
+
+def split_framed(entries: bytes) -> list[bytes]:
+    """The framed spans of concatenated `ScopeSpans.spans` entries, each with its tag and length."""
+    spans = []
+    pos = 0
+    end = len(entries)
+    while pos < end:
+        length, start = _read_varint(entries, pos + 1)
+        spans.append(entries[pos : start + length])
+        pos = start + length
+    return spans
