@@ -12,10 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
-from tests.test_end_to_end import make_request
-
-PROTOBUF = {"Content-Type": "application/x-protobuf"}
-ERRORS_ONLY = [{"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}]
+from tests.otlp_data import ERRORS_ONLY, PROTOBUF, make_request
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -82,9 +79,11 @@ async def test_health_and_readiness(start_gateway: GatewayFactory, downstream: D
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 async def test_metrics_pass_promtool(start_gateway: GatewayFactory, downstream: Downstream) -> None:
     gateway = await start_gateway(gateway_config(downstream))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://127.0.0.1:{gateway.admin.port}/metrics") as reply:
-            text = await reply.read()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{gateway.admin.port}/metrics") as reply,
+    ):
+        text = await reply.read()
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -17,18 +16,7 @@ from tests.conftest import (
     receiver_url,
     wait_for,
 )
-from tests.test_end_to_end import make_request
-
-PROTOBUF = {"Content-Type": "application/x-protobuf"}
-ERRORS_ONLY = [{"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}]
-
-
-async def send(url: str, request: ExportTraceServiceRequest) -> None:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url, data=request.SerializeToString(), headers=PROTOBUF) as reply,
-    ):
-        assert reply.status == 200, await reply.text()
+from tests.otlp_data import ERRORS_ONLY, make_request, send
 
 
 def only_child(request: ExportTraceServiceRequest, index: int) -> ExportTraceServiceRequest:

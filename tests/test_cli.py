@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import Downstream, free_port, gateway_config, wait_for
-from tests.test_end_to_end import send_sdk_traces
+from tests.otlp_data import send_sdk_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 TAILGATE = [sys.executable, "-m", "sampler"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 
-import aiohttp
 import pytest
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
@@ -19,18 +18,7 @@ from tests.conftest import (
     receiver_url,
     wait_for,
 )
-from tests.test_end_to_end import make_request, otlp_json
-
-PROTOBUF = {"Content-Type": "application/x-protobuf"}
-JSON = {"Content-Type": "application/json"}
-
-
-async def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url, data=body, headers=headers) as reply,
-    ):
-        return reply.status, reply.content_type, await reply.read()
+from tests.otlp_data import JSON, PROTOBUF, make_request, otlp_json, post
 
 
 async def assert_still_serving(url: str, downstream: Downstream) -> None:
