@@ -12,6 +12,8 @@ class AlwaysSampleParams(ParamsModel):
 
 
 class AlwaysSample:
+    """Samples every trace."""
+
     type_name: ClassVar[str] = "always_sample"
     Params: ClassVar[type[ParamsModel]] = AlwaysSampleParams
 

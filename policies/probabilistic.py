@@ -57,6 +57,8 @@ class ProbabilisticParams(ParamsModel):
 
 
 class Probabilistic:
+    """Samples a fixed share of traces by hashing the trace id: the same traces on every node and run."""
+
     type_name: ClassVar[str] = "probabilistic"
     Params: ClassVar[type[ParamsModel]] = ProbabilisticParams
 

@@ -21,8 +21,7 @@ from policies.probabilistic import Probabilistic
 from policies.rate_limiting import RateLimiting
 from policies.status_code import StatusCode
 from policies.string_attribute import StringAttribute
-from sampler.config import validation_message
-from sampler.errors import ConfigError
+from sampler.errors import ConfigError, validation_message
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,8 @@ class StatusCodeParams(ParamsModel):
 
 
 class StatusCode:
+    """Samples a trace when any of its spans has one of the configured status codes."""
+
     type_name: ClassVar[str] = "status_code"
     Params: ClassVar[type[ParamsModel]] = StatusCodeParams
 

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 
 class AdminServer:
+    """The admin HTTP server, on its own port so that ingest traffic never reaches it."""
+
     def __init__(self, endpoint: str, metrics: Metrics, is_ready: Callable[[], bool]) -> None:
         self.endpoint = endpoint
         self.metrics = metrics

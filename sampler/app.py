@@ -45,7 +45,7 @@ class Gateway:
             sampling.decision_tick,
             sampling.record_policy,
         )
-        self.buffer.connect(self.decider.decide, self.decider.forward_late)
+        self.buffer.connect(self.decider.decide_safely, self.decider.forward_late)
         self.metrics.watch_buffer(
             lambda: len(self.buffer.traces),
             lambda: self.buffer.span_count,
@@ -54,10 +54,13 @@ class Gateway:
         self.receivers: list[OTLPHTTPReceiver] = []
         http = config.receivers.otlp.http
         if http is not None:
-            self.receivers.append(OTLPHTTPReceiver(http, self.buffer, self.metrics, self.decider.count_late))
+            # Requests in progress at shutdown get a quarter of shutdown_timeout, exporters the rest.
+            grace = config.shutdown_timeout / 4
+            self.receivers.append(
+                OTLPHTTPReceiver(http, self.buffer, self.metrics, self.decider.count_late, grace)
+            )
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         self.ready = False
-        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         await self.admin.start()
@@ -70,18 +73,19 @@ class Gateway:
         log.info("tailgate ready: %d policies, %d exporters", len(self.policies), len(self.exporters))
 
     async def stop(self) -> None:
-        """Stop accepting, decide every buffered trace now, flush exporters within shutdown_timeout."""
+        """Stop accepting, decide every buffered trace now, flush exporters; all within shutdown_timeout."""
         self.ready = False
-        for receiver in self.receivers:
-            await receiver.stop()
-        buffered = len(self.buffer.traces)
-        await self.decider.stop()
-        log.info("decided %d buffered traces at shutdown; flushing exporters", buffered)
         deadline = time.monotonic() + self.config.shutdown_timeout
-        for exporter in self.exporters:
-            await exporter.shutdown(max(0.0, deadline - time.monotonic()))
-        await self.admin.stop()
-        self._stopped.set()
+        try:
+            for receiver in self.receivers:
+                await receiver.stop()
+            buffered = len(self.buffer.traces)
+            await self.decider.stop()
+            log.info("decided %d buffered traces at shutdown; flushing exporters", buffered)
+        finally:
+            for exporter in self.exporters:
+                await exporter.shutdown(max(0.0, deadline - time.monotonic()))
+            await self.admin.stop()
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down cleanly."""

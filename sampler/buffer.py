@@ -17,7 +17,7 @@ from cachetools import LRUCache
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans, Span
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from policies.base import STATUS_UNSET, AttributeValue
 from sampler.config import TailSamplingConfig
@@ -51,6 +51,7 @@ class Trace:
         "deadline",
         "items",
         "max_end_ns",
+        "nbytes",
         "root_seen",
         "span_count",
         "trace_id",
@@ -62,6 +63,7 @@ class Trace:
         # Alternating Scope and run: the framed spans (TAG_SPANS, length, Span bytes) of that scope
         # that arrived in one request, joined into one bytes object.
         self.items: list[bytes | Scope] = []
+        self.nbytes = 0  # serialized bytes in `items`
         self.span_count = 0
         # Bits of the non-UNSET status codes seen, and how many spans had one: UNSET is derived.
         self._codes = 0
@@ -81,9 +83,10 @@ class Trace:
     def min_start_ns(self) -> int:
         return 0 if self._min_start == _NO_START else self._min_start
 
-    @property
-    def byte_count(self) -> int:
-        return sum(len(run) for run in self.items[1::2] if isinstance(run, bytes))
+    def release(self) -> None:
+        """Drop the span bytes once decided: stale queue entries may keep the object a while."""
+        self.items = []
+        self.attributes = None
 
     def attribute_values(self, key: str) -> Sequence[AttributeValue]:
         if self.attributes is None:
@@ -227,6 +230,8 @@ class TraceBuffer:
         self.clock = clock
         self.traces: dict[bytes, Trace] = {}
         self.span_count = 0
+        # Serialized (framed) bytes of buffered spans, for the tailgate_buffered_bytes gauge.
+        self.byte_count = 0
         # Deadline queues, each in deadline order by construction (monotonic clock, one wait each):
         # traces by first arrival (deadline arrival + decision_wait) and traces whose root moved the
         # deadline earlier (root arrival + decision_wait_after_root_received). O(1) per trace; a trace
@@ -246,10 +251,19 @@ class TraceBuffer:
         self.decide_now = decide_now
         self.forward_late = forward_late
 
-    def intern_scope(self, resource: bytes, scope: bytes) -> Scope:
+    def intern_scope(self, resource: bytes, scope: bytes) -> Scope | None:
+        """The shared Scope object for these wire bytes; None when they are not valid OTLP.
+
+        Decoding skips over resources and scopes, so each new one is checked in full here, once.
+        """
         key = (resource, scope)
         interned = self._scopes.get(key)
         if interned is None:
+            try:
+                ResourceSpans.FromString(resource)
+                ScopeSpans.FromString(scope)
+            except DecodeError:
+                return None
             if len(self._scopes) >= _MAX_INTERNED_SCOPES:
                 self._scopes.clear()
             interned = self._scopes[key] = Scope(resource, scope)
@@ -269,23 +283,29 @@ class TraceBuffer:
         keys = self._attribute_keys
         spans_before = self.span_count
         early_spans = 0
+        added_bytes = 0
         total = 0
         resource_values: list[tuple[str, AttributeValue]] = []
         for batch in batches:
+            total += len(batch.payloads)
             scope = self.intern_scope(batch.resource, batch.scope)
+            if scope is None:
+                _reject_all(result, len(batch.payloads), "invalid resource or instrumentation scope")
+                continue
             if keys:
                 resource_values = _wanted_values(Resource.FromString(batch.resource_payload).attributes, keys)
-            total += len(batch.payloads)
             # This scope's spans per trace, joined into one run per trace at the end of the batch.
             runs: dict[Trace, list[bytes]] = {}
             for span, payload in zip(batch.spans, batch.payloads, strict=True):
                 trace_id = span.trace_id
                 span_id = span.span_id
+                parent_id = span.parent_span_id
                 if (
                     len(trace_id) != 16
                     or len(span_id) != 8
                     or trace_id == _ZERO_TRACE_ID
                     or span_id == _ZERO_SPAN_ID
+                    or (parent_id and len(parent_id) != 8)
                 ):
                     _reject(result, trace_id, span_id)
                     continue
@@ -310,20 +330,28 @@ class TraceBuffer:
                 end = span.end_time_unix_nano
                 if end > trace.max_end_ns:
                     trace.max_end_ns = end
-                if not trace.root_seen and not span.parent_span_id:
+                if not parent_id and not trace.root_seen:
                     self._root_arrived(trace, now)
                 if needles:
                     _extract_attributes(trace, payload, needles, keys, resource_values)
                 trace.span_count += 1
                 if trace.span_count >= max_spans:
                     early_spans += trace.span_count
-                    trace.items += (scope, frame_run(runs.pop(trace)))
+                    framed = frame_run(runs.pop(trace))
+                    trace.items += (scope, framed)
+                    trace.nbytes += len(framed)
+                    # Its earlier runs were counted before (buffer or this request); all leave now.
+                    added_bytes += len(framed) - trace.nbytes
                     self._decide_full(trace)
-            for trace, run in runs.items():
-                trace.items += (scope, frame_run(run))
+            for trace, payloads in runs.items():
+                framed = frame_run(payloads)
+                trace.items += (scope, framed)
+                trace.nbytes += len(framed)
+                added_bytes += len(framed)
         accepted = total - result.rejected
         result.accepted = accepted
         self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans
+        self.byte_count += added_bytes
         if result.late:
             self.forward_late(result.late)
         self._enforce_limits()
@@ -361,11 +389,6 @@ class TraceBuffer:
         del self.traces[trace.trace_id]
         self.decide_now([trace], "max_spans_per_trace")
 
-    @property
-    def byte_count(self) -> int:
-        """Bytes held for buffered spans; computed on demand (metrics scrapes), not per span."""
-        return sum(trace.byte_count for trace in self.traces.values())
-
     def _enforce_limits(self) -> None:
         """Decide the traces nearest their deadline early while the buffer is over a limit."""
         settings = self.settings
@@ -379,6 +402,7 @@ class TraceBuffer:
                 if trace is None:
                     break
                 self.span_count -= trace.span_count
+                self.byte_count -= trace.nbytes
                 evicted.append(trace)
             if evicted:
                 self.decide_now(evicted, reason)
@@ -406,19 +430,20 @@ class TraceBuffer:
         del self.traces[trace.trace_id]
         return trace
 
-    def pop_due(self, now: float) -> list[Trace]:
-        """Remove and return every trace whose deadline has passed."""
+    def pop_due(self, now: float, limit: int) -> list[Trace]:
+        """Remove and return up to `limit` traces whose deadline has passed."""
         traces = self.traces
         due: list[Trace] = []
         for queue in (self._by_root, self._by_arrival):
             # A trace's deadline only ever moves earlier, so a head not yet due means none behind it is
             # due through this queue.
-            while queue and queue[0].deadline <= now:
+            while queue and queue[0].deadline <= now and len(due) < limit:
                 trace = queue.popleft()
                 if traces.get(trace.trace_id) is trace:
                     del traces[trace.trace_id]
                     due.append(trace)
                     self.span_count -= trace.span_count
+                    self.byte_count -= trace.nbytes
         return due
 
     def pop_all(self) -> list[Trace]:
@@ -428,15 +453,22 @@ class TraceBuffer:
         self._by_arrival.clear()
         self._by_root.clear()
         self.span_count = 0
+        self.byte_count = 0
         return remaining
 
 
 def _reject(result: IngestResult, trace_id: bytes, span_id: bytes) -> None:
-    result.rejected += 1
     if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
         message = "invalid trace id (must be 16 bytes, not all zero)"
-    else:
+    elif len(span_id) != 8 or span_id == _ZERO_SPAN_ID:
         message = "invalid span id (must be 8 bytes, not all zero)"
+    else:
+        message = "invalid parent span id (must be empty or 8 bytes)"
+    _reject_all(result, 1, message)
+
+
+def _reject_all(result: IngestResult, spans: int, message: str) -> None:
+    result.rejected += spans
     if message not in result.errors:
         result.errors.append(message)
 

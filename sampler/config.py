@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
-from sampler.errors import ConfigError
+from policies.registry import build_policies
+from sampler.errors import ConfigError, validation_message
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {
@@ -39,8 +40,19 @@ Seconds = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
 PositiveSeconds = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 
 
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads `true` as 1; for a count that is a typo, not a value.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
+CacheSize = Annotated[int, BeforeValidator(_not_bool), Field(ge=0)]
+
+
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_endpoint(value: str) -> str:
@@ -55,7 +67,7 @@ Endpoint = Annotated[str, BeforeValidator(lambda v: _check_endpoint(str(v)))]
 
 class OTLPHTTPReceiverConfig(Model):
     endpoint: Endpoint = "127.0.0.1:4318"
-    max_request_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_request_bytes: Annotated[Count, Field(le=1 << 30)] = 8 * 1024 * 1024
 
 
 class OTLPReceiversConfig(Model):
@@ -67,8 +79,8 @@ class ReceiversConfig(Model):
 
 
 class DecisionCacheConfig(Model):
-    sampled_cache_size: int = Field(default=100_000, ge=0)
-    non_sampled_cache_size: int = Field(default=100_000, ge=0)
+    sampled_cache_size: CacheSize = 100_000
+    non_sampled_cache_size: CacheSize = 100_000
 
 
 class TailSamplingConfig(Model):
@@ -76,9 +88,9 @@ class TailSamplingConfig(Model):
 
     decision_wait: Seconds = 30.0
     decision_wait_after_root_received: Seconds = 2.0
-    num_traces: int = Field(default=50_000, gt=0)
-    max_spans_per_trace: int = Field(default=10_000, gt=0)
-    max_buffered_spans: int = Field(default=2_000_000, gt=0)
+    num_traces: Count = 50_000
+    max_spans_per_trace: Count = 10_000
+    max_buffered_spans: Count = 2_000_000
     decision_tick: PositiveSeconds = 0.05
     record_policy: bool = True
     decision_cache: DecisionCacheConfig = DecisionCacheConfig()
@@ -97,11 +109,11 @@ class RetryConfig(Model):
 
 
 class BatchConfig(Model):
-    send_batch_size: int = Field(default=8192, gt=0)
+    send_batch_size: Count = 8192
     timeout: Seconds = 0.2
     # Spans waiting in the exporter (batched and in flight) before new ones are dropped and counted.
-    queue_size: int = Field(default=500_000, gt=0)
-    num_consumers: int = Field(default=4, gt=0)
+    queue_size: Count = 500_000
+    num_consumers: Count = 4
 
 
 class OTLPHTTPExporterConfig(Model):
@@ -159,6 +171,8 @@ class Config(Model):
                 raise ValueError(
                     f"exporter {key!r}: unknown type {kind!r} (known: {', '.join(EXPORTER_TYPES)})"
                 )
+            if block is not None and not isinstance(block, dict):
+                raise ValueError(f"exporter {key!r}: must be a mapping of settings")
             typed[key] = {**(block or {}), "type": kind}
         return typed
 
@@ -188,31 +202,11 @@ def _substitute(value: Any, path: str) -> Any:
     return _VAR.sub(replace, value)
 
 
-def format_loc(loc: tuple[int | str, ...]) -> str:
-    """('tail_sampling', 'policies', 2, 'latency') -> 'tail_sampling.policies[2].latency'."""
+def _without_exporter_tag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """Drop the discriminator pydantic adds to an exporter's path (`exporters.file.file.path`)."""
     if len(loc) > 2 and loc[0] == "exporters" and loc[2] in EXPORTER_TYPES:
-        loc = loc[:2] + loc[3:]  # drop the discriminator pydantic adds to the path
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part.startswith("function-"):
-            continue
-        else:
-            path += f".{part}" if path else part
-    return path
-
-
-def validation_message(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each `key.path: message`."""
-    lines = []
-    for item in error.errors():
-        path = format_loc(tuple(item["loc"]))
-        if prefix:
-            path = f"{prefix}.{path}" if path and not path.startswith("[") else prefix + path
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path or '<root>'}: {message}")
-    return "\n".join(lines)
+        return loc[:2] + loc[3:]
+    return loc
 
 
 def parse_config(data: Any, source: str = "<config>") -> Config:
@@ -225,10 +219,7 @@ def parse_config(data: Any, source: str = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(validation_message(error)) from None
-    # Imported here: the registry imports policy modules, which only the validated config needs.
-    from policies.registry import build_policies
-
+        raise ConfigError(validation_message(error, clean_loc=_without_exporter_tag)) from None
     build_policies(config.tail_sampling.policies, "tail_sampling.policies")
     return config
 

@@ -12,7 +12,7 @@ from policies.base import Decision, Policy
 from policies.combine import deciding_policy
 from sampler.buffer import DecisionCache, IngestResult, Trace, TraceBuffer
 from sampler.exporters.base import Exporter
-from sampler.exporters.batching import LogThrottle
+from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
 from sampler.otlp_wire import Scope, SpanGroup, scope_with_attribute
 
@@ -92,6 +92,8 @@ class Decider:
                     continue
             record(trace.trace_id, None)
             dropped_spans += trace.span_count
+        for trace in traces:
+            trace.release()
         if reason is None:
             self.metrics.decision_delay.observe_many([max(0.0, now - trace.deadline) for trace in traces])
         if invalid_spans:
@@ -181,10 +183,18 @@ class Decider:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
-            due = self.buffer.pop_due(self.clock())
-            for start in range(0, len(due), _DECIDE_SLICE):
-                self.decide(due[start : start + _DECIDE_SLICE])
+            # One slice at a time, so that no popped trace is ever left undecided at an await.
+            while due := self.buffer.pop_due(self.clock(), _DECIDE_SLICE):
+                self.decide_safely(due)
                 await asyncio.sleep(0)
+
+    def decide_safely(self, traces: list[Trace], reason: str | None = None) -> None:
+        """`decide`, logging instead of raising: the decider must outlive any one bad trace."""
+        try:
+            self.decide(traces, reason)
+        except Exception:
+            log.exception("deciding %d traces failed; their spans are lost", len(traces))
+            self.metrics.decision_errors.inc(len(traces))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tailgate-decider")
@@ -198,4 +208,4 @@ class Decider:
             self._task = None
         remaining = self.buffer.pop_all()
         for start in range(0, len(remaining), _DECIDE_SLICE):
-            self.decide(remaining[start : start + _DECIDE_SLICE], "shutdown")
+            self.decide_safely(remaining[start : start + _DECIDE_SLICE], "shutdown")

@@ -101,6 +101,11 @@ class Metrics:
             ["decision"],
             registry=r,
         )
+        self.decision_errors = Counter(
+            "tailgate_decision_errors",
+            "Traces whose decision failed with an internal error (logged); their spans are lost.",
+            registry=r,
+        )
         self.invalid_spans = Counter(
             "tailgate_invalid_spans",
             "Spans of kept traces left out because they are not valid OTLP (checked in full only on keep).",

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from abc import ABC, abstractmethod
 
 from sampler.config import BatchConfig
 from sampler.errors import ExportError
+from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
 from sampler.otlp_wire import SpanGroup, encode_request
 
@@ -18,31 +18,6 @@ log = logging.getLogger(__name__)
 
 # A sealed batch: its span groups and their span count.
 Batch = tuple[list[SpanGroup], int]
-
-
-class LogThrottle:
-    """Lets a repeated warning through at most once per `interval` seconds, counting the rest.
-
-    A downstream outage or a full queue would otherwise write one line per batch or per trace.
-    """
-
-    def __init__(self, interval: float = 5.0) -> None:
-        self.interval = interval
-        self._next = 0.0
-        self.suppressed = 0
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        if now < self._next:
-            self.suppressed += 1
-            return False
-        self._next = now + self.interval
-        return True
-
-    def take_suppressed(self) -> int:
-        """How many messages were held back since the last one let through, resetting the count."""
-        count, self.suppressed = self.suppressed, 0
-        return count
 
 
 class BatchingExporter(ABC):

@@ -16,7 +16,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from sampler.config import OTLPHTTPExporterConfig
 from sampler.errors import ExportError
-from sampler.exporters.batching import BatchingExporter, LogThrottle
+from sampler.exporters.batching import BatchingExporter
+from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
 from sampler.otlp_wire import iter_fields
 

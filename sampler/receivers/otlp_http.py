@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
 from sampler.config import OTLPHTTPReceiverConfig
-from sampler.errors import DecodeError
+from sampler.errors import DecodeError, TailgateError
 from sampler.metrics import Metrics
 from sampler.receivers.otlp_decode import decode_json, decode_protobuf
 
@@ -31,7 +31,7 @@ Decoder = Callable[[bytes], list[SpanBatch]]
 _DECODERS: dict[str, Decoder] = {PROTOBUF: decode_protobuf, JSON: decode_json}
 
 
-class RequestRejected(Exception):
+class RequestRejected(TailgateError):
     """A request answered with an error status before any span was buffered."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
@@ -50,11 +50,13 @@ class OTLPHTTPReceiver:
         buffer: TraceBuffer,
         metrics: Metrics,
         count_late: Callable[[IngestResult], None],
+        shutdown_grace: float,
     ) -> None:
         self.config = config
         self.buffer = buffer
         self.metrics = metrics
         self.count_late = count_late
+        self.shutdown_grace = shutdown_grace
         self._accepted = metrics.received_spans.labels(PROTOCOL, "accepted")
         self._rejected = metrics.received_spans.labels(PROTOCOL, "rejected")
         self._runner: web.AppRunner | None = None
@@ -69,7 +71,12 @@ class OTLPHTTPReceiver:
     async def start(self) -> None:
         host, _, port = self.config.endpoint.rpartition(":")
         # Decompression is done here, bounded, instead of by aiohttp's unbounded reader.
-        self._runner = web.AppRunner(self.make_app(), auto_decompress=False, access_log=None)
+        self._runner = web.AppRunner(
+            self.make_app(),
+            auto_decompress=False,
+            access_log=None,
+            shutdown_timeout=self.shutdown_grace,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
         await site.start()
@@ -77,7 +84,7 @@ class OTLPHTTPReceiver:
         log.info("OTLP/HTTP receiver listening on %s:%s", host, self.port)
 
     async def stop(self) -> None:
-        """Stop accepting; requests in progress complete first."""
+        """Stop accepting; requests in progress get `shutdown_grace` seconds to complete."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -117,17 +124,7 @@ class OTLPHTTPReceiver:
             return body
         if encoding not in ("gzip", "deflate"):
             raise RequestRejected(415, "unsupported_encoding", f"unsupported Content-Encoding {encoding!r}")
-        # wbits 47 accepts both zlib and gzip headers; max_length stops a decompression bomb early.
-        decompressor = zlib.decompressobj(47 if encoding == "gzip" else zlib.MAX_WBITS)
-        try:
-            plain = decompressor.decompress(body, limit + 1)
-        except zlib.error as error:
-            raise RequestRejected(400, "malformed", f"invalid {encoding} body: {error}") from None
-        if len(plain) > limit:
-            raise RequestRejected(413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})")
-        if not decompressor.eof:
-            raise RequestRejected(400, "malformed", f"truncated {encoding} body")
-        return plain
+        return _decompress(body, encoding, limit)
 
     def _count(self, result: IngestResult) -> None:
         if result.accepted:
@@ -136,6 +133,34 @@ class OTLPHTTPReceiver:
             self._rejected.inc(result.rejected)
         if result.late_kept or result.late_dropped:
             self.count_late(result)
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress a gzip (every member, as RFC 1952 allows several) or zlib body, at most `limit` bytes.
+
+    max_length makes a decompression bomb stop at the limit instead of filling memory.
+    """
+    wbits = 31 if encoding == "gzip" else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    data = body
+    while True:
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            part = decompressor.decompress(data, limit + 1 - size)
+        except zlib.error as error:
+            raise RequestRejected(400, "malformed", f"invalid {encoding} body: {error}") from None
+        size += len(part)
+        if size > limit:
+            raise RequestRejected(413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})")
+        if not decompressor.eof:
+            raise RequestRejected(400, "malformed", f"truncated {encoding} body")
+        parts.append(part)
+        data = decompressor.unused_data
+        if not data:
+            return b"".join(parts)
+        if encoding != "gzip" or not data.startswith(b"\x1f\x8b"):
+            raise RequestRejected(400, "malformed", f"unexpected data after the {encoding} stream")
 
 
 def _success_reply(result: IngestResult, content_type: str) -> web.Response:

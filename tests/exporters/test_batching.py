@@ -7,7 +7,8 @@ import asyncio
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from sampler.config import BatchConfig
-from sampler.exporters.batching import BatchingExporter, LogThrottle
+from sampler.exporters.batching import BatchingExporter
+from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
 
 from .helpers import eventually, make_group, make_scope, make_trace, sample
