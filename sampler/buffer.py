@@ -118,8 +118,13 @@ class Trace:
         for scope, chunks in runs.items():
             entries = b"".join(chunks)
             try:
-                count = len(ScopeSpans.FromString(entries).spans)
+                spans = ScopeSpans.FromString(entries).spans
+                valid_links = all(_valid_links(span) for span in spans if span.links)
             except DecodeError:
+                valid_links = False
+            if valid_links:
+                count = len(spans)
+            else:
                 framed = split_framed(entries)
                 valid = [span for span in framed if _is_valid_framed(span)]
                 invalid += len(framed) - len(valid)
@@ -132,19 +137,24 @@ class Trace:
 
 def _is_valid_framed(framed: bytes) -> bool:
     try:
-        ScopeSpans.FromString(framed)
+        (span,) = ScopeSpans.FromString(framed).spans
     except DecodeError:
         return False
-    return True
+    return _valid_links(span)
+
+
+def _valid_links(span: Span) -> bool:
+    # Ids of the wrong length parse as protobuf bytes but make an OTLP backend refuse the batch.
+    return all(len(link.trace_id) == 16 and len(link.span_id) == 8 for link in span.links)
 
 
 def is_valid_span(payload: bytes) -> bool:
     """Whether serialized bytes are a valid OTLP Span (the full check kept spans get)."""
     try:
-        Span.FromString(payload)
+        span = Span.FromString(payload)
     except DecodeError:
         return False
-    return True
+    return _valid_links(span)
 
 
 class SpanFields(Protocol):

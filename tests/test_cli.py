@@ -67,6 +67,13 @@ def test_shipped_config_is_valid() -> None:
             lambda c: c["receivers"]["otlp"]["http"].update(endpoint="${TAILGATE_TEST_UNSET_VAR}"),
             "receivers.otlp.http.endpoint: environment variable TAILGATE_TEST_UNSET_VAR",
         ),
+        (lambda c: c["tail_sampling"].update(num_traces=True), "tail_sampling.num_traces: must be a number"),
+        (lambda c: c["tail_sampling"].update(decision_wait=float("inf")), "tail_sampling.decision_wait"),
+        (lambda c: c["exporters"].update({"file": "traces.jsonl"}), "must be a mapping"),
+        (
+            lambda c: c["receivers"]["otlp"]["http"].update(max_request_bytes=10**30),
+            "receivers.otlp.http.max_request_bytes",
+        ),
     ],
     ids=[
         "policy-param",
@@ -78,6 +85,10 @@ def test_shipped_config_is_valid() -> None:
         "exporter-type",
         "unknown-key",
         "env-var",
+        "bool-count",
+        "infinite",
+        "exporter-not-mapping",
+        "limit-too-big",
     ],
 )
 def test_check_config_names_the_key_path(tmp_path: Path, mutate: Any, message: str) -> None:

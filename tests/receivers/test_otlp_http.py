@@ -194,3 +194,80 @@ async def test_kept_span_with_invalid_contents_is_left_out_not_forwarded(
     await wait_for(lambda: metric(gateway, "tailgate_invalid_spans_total") == 1)
     assert {span.span_id for _, _, span in downstream.spans()} == expected
     assert metric(gateway, "tailgate_exporter_sent_spans_total", exporter="otlp_http") == 5
+
+
+def _request_body(scope_payload: bytes, span_payloads: list[bytes], resource_payload: bytes = b"") -> bytes:
+    scope_spans = frame(TAG_SCOPE, scope_payload) + b"".join(frame(TAG_SPANS, p) for p in span_payloads)
+    resource_spans = frame(TAG_RESOURCE, resource_payload) + frame(TAG_SCOPE_SPANS, scope_spans)
+    return frame(TAG_RESOURCE_SPANS, resource_spans)
+
+
+async def test_invalid_resource_or_scope_rejected_other_batches_kept(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    good = make_request(traces=1, spans_per_trace=2)
+    bad = make_request(traces=1, spans_per_trace=3)
+    bad_spans = [span.SerializeToString() for span in bad.resource_spans[0].scope_spans[0].spans]
+    bad_scope = frame(0x0A, b"\xff\xfe")  # InstrumentationScope.name, not UTF-8
+    body = good.SerializeToString() + _request_body(bad_scope, bad_spans)  # two ResourceSpans
+    status, _, reply = await post(receiver_url(gateway), body, PROTOBUF)
+    assert status == 200
+    partial = ExportTraceServiceResponse.FromString(reply).partial_success
+    assert partial.rejected_spans == 3
+    assert "invalid resource or instrumentation scope" in partial.error_message
+    good_trace = good.resource_spans[0].scope_spans[0].spans[0].trace_id
+    await wait_for(lambda: set(downstream.spans_by_trace()) == {good_trace})
+    bad_resource = frame(0x0A, frame(0x0A, b"\x80"))  # Resource.attributes[0], its key not UTF-8
+    body = _request_body(b"", bad_spans, bad_resource)
+    status, _, reply = await post(receiver_url(gateway), body, PROTOBUF)
+    assert ExportTraceServiceResponse.FromString(reply).partial_success.rejected_spans == 3
+    await assert_still_serving(receiver_url(gateway), downstream)
+    assert metric(gateway, "tailgate_decision_errors_total") == 0
+
+
+async def test_invalid_parent_id_rejected(start_gateway: GatewayFactory, downstream: Downstream) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    request = make_request(traces=1, spans_per_trace=3)
+    request.resource_spans[0].scope_spans[0].spans[1].parent_span_id = b"\x01\x02\x03\x04"
+    status, _, reply = await post(receiver_url(gateway), request.SerializeToString(), PROTOBUF)
+    assert status == 200
+    partial = ExportTraceServiceResponse.FromString(reply).partial_success
+    assert partial.rejected_spans == 1
+    assert "invalid parent span id" in partial.error_message
+    document = json.loads(otlp_json(request))
+    document["resourceSpans"][0]["scopeSpans"][0]["spans"][2]["parentSpanId"] = "xyz"
+    status, _, reply = await post(receiver_url(gateway), json.dumps(document).encode(), JSON)
+    assert int(json.loads(reply)["partialSuccess"]["rejectedSpans"]) == 2
+
+
+async def test_kept_span_with_bad_link_ids_left_out(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    request = make_request(traces=1, spans_per_trace=3)
+    link = request.resource_spans[0].scope_spans[0].spans[2].links.add()
+    link.trace_id, link.span_id = b"\x01" * 16, b"\x02" * 3  # a span id must have 8 bytes
+    status, _, _ = await post(receiver_url(gateway), request.SerializeToString(), PROTOBUF)
+    assert status == 200
+    await wait_for(lambda: metric(gateway, "tailgate_invalid_spans_total") == 1)
+    await wait_for(lambda: len(downstream.spans()) == 2)
+    assert all(not span.links for _, _, span in downstream.spans())
+
+
+async def test_gzip_members_all_read_trailing_garbage_rejected(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    first, second = make_request(traces=2, spans_per_trace=2), make_request(traces=2, spans_per_trace=2)
+    # Concatenated protobuf messages merge; concatenated gzip members are one body (RFC 1952).
+    body = gzip.compress(first.SerializeToString()) + gzip.compress(second.SerializeToString())
+    status, _, _ = await post(receiver_url(gateway), body, {**PROTOBUF, "Content-Encoding": "gzip"})
+    assert status == 200
+    await wait_for(lambda: len(downstream.spans()) == 8)
+    body = gzip.compress(first.SerializeToString()) + b"trailing"
+    status, content_type, reply = await post(
+        receiver_url(gateway), body, {**PROTOBUF, "Content-Encoding": "gzip"}
+    )
+    assert status == 400
+    assert "unexpected data after the gzip stream" in status_message(content_type, reply)
