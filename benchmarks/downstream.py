@@ -1,7 +1,7 @@
 """A cheap downstream OTLP/HTTP backend for benchmarks: accepts POST /v1/traces, counts, replies 200.
 
 Per request it only counts bytes; it keeps bodies up to a memory cap and decodes them to count spans
-when `GET /stats` asks, extrapolating by bytes past the cap.
+when `GET /stats` asks (`?reset=1` also zeroes the counts), extrapolating by bytes past the cap.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ class Backend:
             if exact
             else round(self.decoded_spans * self.bytes / max(self.decoded_bytes, 1))
         )
-        return web.json_response(
-            {"requests": self.requests, "bytes": self.bytes, "spans": spans, "spans_exact": exact}
-        )
+        stats = {"requests": self.requests, "bytes": self.bytes, "spans": spans, "spans_exact": exact}
+        if request.query.get("reset"):  # the next run counts from zero
+            self.requests = self.bytes = self.kept_bytes = self.decoded_spans = self.decoded_bytes = 0
+        return web.json_response(stats)
 
 
 async def handle_ready(request: web.Request) -> web.Response:
