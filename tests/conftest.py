@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +20,9 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from sampler.app import Gateway
 from sampler.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TAILGATE = [sys.executable, "-m", "sampler"]
 
 
 def free_port() -> int:
