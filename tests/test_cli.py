@@ -1,4 +1,4 @@
-"""The real commands: `tailgate check-config`, `tailgate run` with SIGTERM, and `make run`."""
+"""The real commands: `tailgate run` stopped with SIGTERM, and `make run` writing the file sink."""
 
 from __future__ import annotations
 
