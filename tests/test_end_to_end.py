@@ -22,7 +22,7 @@ from tests.conftest import (
 )
 from tests.otlp_data import make_request, otlp_json, send_sdk_traces
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"  # copied from shared/testdata, see its README
 POLICIES = [
     {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}},
     {"name": "slow", "type": "latency", "latency": {"threshold_ms": 500}},
