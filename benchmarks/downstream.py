@@ -7,9 +7,7 @@ when `GET /stats` asks (`?reset=1` also zeroes the counts), extrapolating by byt
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gzip
-import signal
 
 import uvloop
 from aiohttp import web
@@ -17,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from serving import serve_app
 
 RESPONSE_BODY = ExportTraceServiceResponse().SerializeToString()
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -65,27 +64,12 @@ class Backend:
         return web.json_response(stats)
 
 
-async def handle_ready(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
 async def serve(host: str, port: int, keep_bytes: int) -> None:
     backend = Backend(keep_bytes)
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     app.router.add_post("/v1/traces", backend.handle_traces)
     app.router.add_get("/stats", backend.handle_stats)
-    app.router.add_get("/readyz", handle_ready)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await web.TCPSite(runner, host, port).start()
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_app(app, host, port)
 
 
 def main() -> None:

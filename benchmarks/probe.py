@@ -7,8 +7,6 @@ own cost. `--mode empty` only reads the body: the ceiling of the server stack an
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 
 import uvloop
 from aiohttp import web
@@ -17,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from serving import serve_app
 
 RESPONSE_BODY = ExportTraceServiceResponse().SerializeToString()
 PROTOBUF = "application/x-protobuf"
@@ -64,28 +63,13 @@ async def handle_empty(request: web.Request) -> web.Response:
     return web.Response(body=RESPONSE_BODY, content_type=PROTOBUF)
 
 
-async def handle_ready(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
-
-
 async def serve(host: str, port: int, mode: str, max_traces: int) -> None:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     if mode == "group":
         app.router.add_post("/v1/traces", SpanGrouper(max_traces).handle_traces)
     else:
         app.router.add_post("/v1/traces", handle_empty)
-    app.router.add_get("/readyz", handle_ready)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await web.TCPSite(runner, host, port).start()
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await serve_app(app, host, port)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from tests.conftest import (
     receiver_url,
     wait_for,
 )
-from tests.otlp_data import make_request, otlp_json, send_sdk_traces
+from tests.otlp_data import JSON, make_request, otlp_json, post, send_sdk_traces
 
 TESTDATA = Path(__file__).resolve().parent / "data"  # copied from shared/testdata, see its README
 POLICIES = [
@@ -135,14 +135,8 @@ async def test_json_bodies_kept_exactly_by_policies(
 
 async def test_official_json_example_accepted(start_gateway: GatewayFactory, downstream: Downstream) -> None:
     gateway = await start_gateway(gateway_config(downstream, policies=POLICIES[:1]))
-    official = (TESTDATA / "otlp" / "trace.json").read_bytes()
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            receiver_url(gateway), data=official, headers={"Content-Type": "application/json"}
-        ) as reply,
-    ):
-        assert reply.status == 200
+    status, _, _ = await post(receiver_url(gateway), (TESTDATA / "otlp" / "trace.json").read_bytes(), JSON)
+    assert status == 200
     # No error span: decided (after decision_wait, as it has no root) and dropped.
     await drained(gateway, 1)
     assert metric(gateway, "tailgate_spans_decided_total", decision="dropped") == 1
@@ -153,14 +147,8 @@ async def test_shared_example_kept_field_by_field(
     start_gateway: GatewayFactory, downstream: Downstream
 ) -> None:
     gateway = await start_gateway(gateway_config(downstream))
-    official = (TESTDATA / "otlp" / "trace.json").read_bytes()
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            receiver_url(gateway), data=official, headers={"Content-Type": "application/json"}
-        ) as reply,
-    ):
-        assert reply.status == 200
+    status, _, _ = await post(receiver_url(gateway), (TESTDATA / "otlp" / "trace.json").read_bytes(), JSON)
+    assert status == 200
     await wait_for(lambda: len(downstream.spans()) == 1)
     resource, scope, span = downstream.spans()[0]
     assert span.trace_id.hex() == "5b8efff798038103d269b633813fc60c"
