@@ -93,7 +93,11 @@ class Gateway:
         stop_requested = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop_requested.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # release whatever did start (ports, files) before reporting
+            raise
         # Everything built at start-up lives as long as the process: keep it out of GC scans.
         gc.freeze()
         await stop_requested.wait()

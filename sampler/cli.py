@@ -8,8 +8,9 @@ import logging
 import sys
 
 from sampler.config import Config, load_config
-from sampler.errors import ConfigError
+from sampler.errors import ConfigError, TailgateError
 
+EXIT_START_ERROR = 1
 EXIT_CONFIG_ERROR = 2
 
 
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     # the default thresholds the cyclic GC rescans them several times a second, costing ~15 % of
     # throughput in `make bench`. Young collections stay frequent enough for aiohttp's cycles.
     gc.set_threshold(50_000, 20, 100)
-    uvloop.run(serve())
+    try:
+        uvloop.run(serve())
+    except (OSError, TailgateError) as error:
+        print(f"tailgate: cannot start: {error}", file=sys.stderr)
+        return EXIT_START_ERROR
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -91,3 +92,20 @@ async def test_make_run_starts_and_writes_the_file_sink(tmp_path: Path) -> None:
     ]
     assert {span["traceId"] for span in spans} == {trace_id.hex()}
     assert len(spans) == 4
+
+
+def test_port_in_use_is_a_clear_start_error(tmp_path: Path, downstream: Downstream) -> None:
+    config = gateway_config(downstream)
+    endpoint = config["receivers"]["otlp"]["http"]["endpoint"]
+    host, port = endpoint.rsplit(":", 1)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        result = subprocess.run(
+            [*TAILGATE, "run", "--config", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=30
+        )
+    assert result.returncode == 1
+    assert "tailgate: cannot start" in result.stderr
+    assert "Traceback" not in result.stderr
