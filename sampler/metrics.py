@@ -5,9 +5,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from sampler import __version__
 
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -58,6 +60,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # What operators expect beside tailgate's own: process RSS, CPU, open fds; Python version.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        build_info = Gauge("tailgate_build_info", "tailgate's version, as a label.", ["version"], registry=r)
+        build_info.labels(__version__).set(1)
         self.received_spans = Counter(
             "tailgate_receiver_spans",
             "Spans received, by protocol and outcome (accepted, rejected).",

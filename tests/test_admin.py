@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import sampler
 from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
 from tests.otlp_data import ERRORS_ONLY, PROTOBUF, make_request
 
@@ -60,6 +61,8 @@ async def test_metrics_endpoint_reports_what_happened(
     assert value("tailgate_buffered_spans") == 0
     assert value("tailgate_decision_delay_seconds_count") == 10
     assert value("tailgate_decision_delay_seconds_bucket", le="+Inf") == 10
+    assert value("process_resident_memory_bytes") > 0
+    assert value("tailgate_build_info", version=sampler.__version__) == 1
 
 
 async def test_health_and_readiness(start_gateway: GatewayFactory, downstream: Downstream) -> None:
