@@ -95,7 +95,10 @@ async def test_sdk_traces_kept_exactly_by_policies(
     assert metric(gateway, "tailgate_spans_decided_total", decision="kept") == kept_spans
     assert metric(gateway, "tailgate_spans_decided_total", decision="dropped") == total - kept_spans
     assert metric(gateway, "tailgate_traces_decided_total", decision="kept") == len(kept)
-    assert metric(gateway, "tailgate_exporter_sent_spans_total", exporter="otlp_http") == kept_spans
+    # Counted once the downstream's reply is read, a moment after it has the spans.
+    await wait_for(
+        lambda: metric(gateway, "tailgate_exporter_sent_spans_total", exporter="otlp_http") == kept_spans
+    )
     errors = sum(1 for kind, _ in traces.values() if kind == "error")
     assert metric(gateway, "tailgate_policy_decisions_total", policy="errors", decision="sampled") == errors
     assert metric(gateway, "tailgate_buffered_spans") == 0

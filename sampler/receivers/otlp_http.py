@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 from collections.abc import Callable
@@ -26,6 +27,8 @@ PROTOCOL = "otlp_http"
 _INVALID_ARGUMENT = 3
 _RESOURCE_EXHAUSTED = 8
 _EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+# JSON bodies above this size are decoded in a worker thread.
+_JSON_INLINE_BYTES = 256 * 1024
 
 Decoder = Callable[[bytes], list[SpanBatch]]
 _DECODERS: dict[str, Decoder] = {PROTOBUF: decode_protobuf, JSON: decode_json}
@@ -101,7 +104,12 @@ class OTLPHTTPReceiver:
                 )
             body = await self._read_body(request)
             try:
-                batches = decoder(body)
+                if decoder is decode_json and len(body) > _JSON_INLINE_BYTES:
+                    # Pure-Python JSON decoding of a large body would stall every other request;
+                    # in a thread the loop keeps its turns.
+                    batches = await asyncio.to_thread(decoder, body)
+                else:
+                    batches = decoder(body)
             except DecodeError as error:
                 raise RequestRejected(400, "malformed", str(error)) from None
         except RequestRejected as rejected:

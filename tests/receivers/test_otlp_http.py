@@ -193,7 +193,7 @@ async def test_kept_span_with_invalid_contents_is_left_out_not_forwarded(
     await wait_for(lambda: len(downstream.spans()) == 5)
     await wait_for(lambda: metric(gateway, "tailgate_invalid_spans_total") == 1)
     assert {span.span_id for _, _, span in downstream.spans()} == expected
-    assert metric(gateway, "tailgate_exporter_sent_spans_total", exporter="otlp_http") == 5
+    await wait_for(lambda: metric(gateway, "tailgate_exporter_sent_spans_total", exporter="otlp_http") == 5)
 
 
 def _request_body(scope_payload: bytes, span_payloads: list[bytes], resource_payload: bytes = b"") -> bytes:
@@ -271,3 +271,13 @@ async def test_gzip_members_all_read_trailing_garbage_rejected(
     )
     assert status == 400
     assert "unexpected data after the gzip stream" in status_message(content_type, reply)
+
+
+async def test_large_json_body_accepted(start_gateway: GatewayFactory, downstream: Downstream) -> None:
+    gateway = await start_gateway(gateway_config(downstream))
+    request = make_request(traces=400, spans_per_trace=5)
+    body = otlp_json(request)
+    assert len(body) > 256 * 1024  # decoded off the event loop
+    status, _, reply = await post(receiver_url(gateway), body, JSON)
+    assert status == 200, reply
+    await wait_for(lambda: len(downstream.spans()) == 2000)
