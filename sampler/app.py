@@ -80,11 +80,12 @@ class Gateway:
             for receiver in self.receivers:
                 await receiver.stop()
             buffered = len(self.buffer.traces)
-            await self.decider.stop()
+            await self.decider.stop(deadline)
             log.info("decided %d buffered traces at shutdown; flushing exporters", buffered)
         finally:
-            for exporter in self.exporters:
-                await exporter.shutdown(max(0.0, deadline - time.monotonic()))
+            # Together: each flushes for the whole time left, whatever the others do.
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.gather(*(exporter.shutdown(remaining) for exporter in self.exporters))
             await self.admin.stop()
 
     async def run_until_signalled(self) -> None:

@@ -340,7 +340,7 @@ class TraceBuffer:
                 end = span.end_time_unix_nano
                 if end > trace.max_end_ns:
                     trace.max_end_ns = end
-                if not parent_id and not trace.root_seen:
+                if (not parent_id or parent_id == _ZERO_SPAN_ID) and not trace.root_seen:
                     self._root_arrived(trace, now)
                 if needles:
                     _extract_attributes(trace, payload, needles, keys, resource_values)

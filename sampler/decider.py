@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -65,7 +66,7 @@ class Decider:
         evaluators = self._evaluators
         record = self.decisions.record
         verdict_rows: list[list[Decision | None]] = []
-        kept_groups: list[SpanGroup] = []
+        exports = [exporter.export for exporter in self.exporters]
         kept_spans = 0
         kept_traces = 0
         dropped_spans = 0
@@ -85,8 +86,12 @@ class Decider:
                     kept_by = voters[deciding]
                     record(trace.trace_id, kept_by)
                     groups, invalid = trace.span_groups()
-                    kept_groups += self._mark(kept_by, groups)
-                    kept_spans += trace.span_count - invalid
+                    if groups:
+                        # One call per trace: exporters batch and bound their queues by whole traces.
+                        groups = self._mark(kept_by, groups)
+                        for export in exports:
+                            export(groups, trace.span_count - invalid)
+                    kept_spans += trace.span_count
                     invalid_spans += invalid
                     kept_traces += 1
                     continue
@@ -98,9 +103,6 @@ class Decider:
             self.metrics.decision_delay.observe_many([max(0.0, now - trace.deadline) for trace in traces])
         if invalid_spans:
             self.count_invalid(invalid_spans)
-        if kept_groups:
-            for exporter in self.exporters:
-                exporter.export(kept_groups, kept_spans)
         self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_rows)
 
     def _evaluate_guarded(self, trace: Trace, now: float) -> list[Decision | None]:
@@ -199,13 +201,48 @@ class Decider:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tailgate-decider")
 
-    async def stop(self) -> None:
-        """Stop the tick loop and decide everything still buffered."""
+    async def stop(self, deadline: float) -> None:
+        """Stop the tick loop and decide everything still buffered.
+
+        Slice by slice, each when the exporters have room for it, so that a full buffer is not
+        refused by exporter queues sized for steady traffic; until `deadline` (monotonic clock).
+        """
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         remaining = self.buffer.pop_all()
-        for start in range(0, len(remaining), _DECIDE_SLICE):
-            self.decide_safely(remaining[start : start + _DECIDE_SLICE], "shutdown")
+        # Half the smallest queue per chunk, so that deciding the next overlaps sending the last.
+        capacity = min((exporter.capacity for exporter in self.exporters), default=0)
+        for chunk in _chunks(remaining, _DECIDE_SLICE, capacity // 2):
+            spans = sum(trace.span_count for trace in chunk)
+            try:
+                async with asyncio.timeout_at(_loop_time_at(deadline)):
+                    await asyncio.gather(*(exporter.wait_for_room(spans) for exporter in self.exporters))
+            except TimeoutError:
+                pass  # out of time: decide anyway; what exporters refuse is counted as dropped
+            self.decide_safely(chunk, "shutdown")
+
+
+def _chunks(traces: list[Trace], max_traces: int, max_spans: int) -> list[list[Trace]]:
+    """Consecutive runs of traces, each of at most `max_traces` traces and (unless one trace alone is
+    larger) at most `max_spans` spans; `max_spans` 0 means no span limit."""
+    chunks: list[list[Trace]] = []
+    chunk: list[Trace] = []
+    spans = 0
+    for trace in traces:
+        if chunk and (len(chunk) >= max_traces or (max_spans and spans + trace.span_count > max_spans)):
+            chunks.append(chunk)
+            chunk, spans = [], 0
+        chunk.append(trace)
+        spans += trace.span_count
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+def _loop_time_at(deadline: float) -> float:
+    """The event loop's clock value at `deadline` on the monotonic clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

@@ -85,7 +85,7 @@ class Metrics:
         )
         self.spans_decided = Counter(
             "tailgate_spans_decided",
-            "Spans of decided traces, by decision (kept, dropped).",
+            "Spans of decided traces, by decision (kept, dropped); kept includes invalid spans left out.",
             ["decision"],
             registry=r,
         )
@@ -115,7 +115,7 @@ class Metrics:
         )
         self.invalid_spans = Counter(
             "tailgate_invalid_spans",
-            "Spans of kept traces left out because they are not valid OTLP (checked in full only on keep).",
+            "Spans of kept traces (or late spans of them) left out because they are not valid OTLP.",
             registry=r,
         )
         self.buffered_traces = Gauge("tailgate_buffered_traces", "Traces waiting for a decision.", registry=r)

@@ -126,3 +126,12 @@ async def test_root_span_moves_the_deadline_earlier(
     assert metric(gateway, "tailgate_buffered_traces") == 1
     await gateway.stop()
     assert without_root in downstream.spans_by_trace()
+
+
+async def test_all_zero_parent_id_marks_a_root(start_gateway: GatewayFactory, downstream: Downstream) -> None:
+    config = gateway_config(downstream, decision_wait="30s", decision_wait_after_root_received="0.2s")
+    gateway = await start_gateway(config)
+    request = make_request(traces=1, spans_per_trace=2)
+    request.resource_spans[0].scope_spans[0].spans[0].parent_span_id = bytes(8)  # "no parent"
+    await send(receiver_url(gateway), request)
+    await wait_for(lambda: len(downstream.spans()) == 2, timeout=3)  # not after 30 s

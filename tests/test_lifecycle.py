@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -84,3 +86,81 @@ async def test_decision_cache_is_bounded(start_gateway: GatewayFactory, downstre
     assert metric(gateway, "tailgate_late_spans_total", decision="dropped") == 2
     assert metric(gateway, "tailgate_buffered_traces") == 1
     await wait_for(lambda: metric(gateway, "tailgate_traces_decided_total", decision="dropped") == 3)
+
+
+async def test_shutdown_flushes_more_than_an_exporter_queue_holds(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    config = gateway_config(downstream, decision_wait="60s", decision_wait_after_root_received="60s")
+    config["exporters"]["otlp_http"]["batch"] = {"timeout": "0.02s", "queue_size": 100, "send_batch_size": 20}
+    gateway = await start_gateway(config)
+    for _ in range(5):
+        await send(receiver_url(gateway), make_request(traces=10, spans_per_trace=4))
+    await gateway.stop()  # 200 buffered spans, a queue of 100: decided as the queue makes room
+    assert len(downstream.spans()) == 200
+    assert metric(gateway, "tailgate_exporter_dropped_spans_total", exporter="otlp_http") == 0
+
+
+async def test_a_stuck_exporter_does_not_starve_the_others_at_shutdown(
+    start_gateway: GatewayFactory, stuck_downstream: str, tmp_path: Path
+) -> None:
+    config = gateway_config(None, decision_wait="60s", decision_wait_after_root_received="60s")
+    sink = tmp_path / "traces.jsonl"
+    config["exporters"] = {
+        "otlp_http": {"endpoint": stuck_downstream, "timeout": "30s"},
+        # Longer than the shutdown budget: only shutdown's own flush sends this batch.
+        "file": {"path": str(sink), "batch": {"timeout": "5s"}},
+    }
+    config["shutdown_timeout"] = "1.5s"
+    gateway = await start_gateway(config)
+    await send(receiver_url(gateway), make_request(traces=5, spans_per_trace=2))
+    await gateway.stop()
+    written = [
+        span
+        for line in sink.read_text().splitlines()
+        for resource_spans in json.loads(line)["resourceSpans"]
+        for scope_spans in resource_spans["scopeSpans"]
+        for span in scope_spans["spans"]
+    ]
+    assert len(written) == 10
+    assert metric(gateway, "tailgate_exporter_failed_spans_total", exporter="otlp_http") == 10
+
+
+async def _post_in_two_parts(
+    port: int, body: bytes, first_part_sent: asyncio.Event, go: asyncio.Event
+) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        "POST /v1/traces HTTP/1.1\r\nHost: tailgate\r\nContent-Type: application/x-protobuf\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body[:10])
+    await writer.drain()
+    first_part_sent.set()
+    await go.wait()
+    writer.write(body[10:])
+    await writer.drain()
+    reply = await reader.read(1000)
+    writer.close()
+    return reply
+
+
+async def test_request_in_progress_completes_during_shutdown(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    config = gateway_config(downstream, decision_wait="60s", decision_wait_after_root_received="60s")
+    config["shutdown_timeout"] = "2s"  # requests in progress get 0.5 s
+    gateway = await start_gateway(config)
+    assert gateway.receivers[0].port is not None
+    body = make_request(traces=3, spans_per_trace=2).SerializeToString()
+    first_part_sent, go = asyncio.Event(), asyncio.Event()
+    client = asyncio.create_task(_post_in_two_parts(gateway.receivers[0].port, body, first_part_sent, go))
+    await first_part_sent.wait()
+    await asyncio.sleep(0.05)
+    stopping = asyncio.create_task(gateway.stop())
+    await asyncio.sleep(0.1)
+    go.set()  # the rest of the body arrives while the gateway shuts down
+    reply = await client
+    await stopping
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    assert len(downstream.spans()) == 6

@@ -11,12 +11,18 @@ class Exporter(Protocol):
     """A downstream destination for kept spans."""
 
     name: str
+    # Spans the exporter's queue holds at most (batched and in flight).
+    capacity: int
 
     def export(self, groups: list[SpanGroup], span_count: int) -> None:
         """Queue spans for sending; returns at once and never blocks the event loop.
 
         When the exporter's queue is full the spans are refused and counted, never silently lost.
         """
+        ...
+
+    async def wait_for_room(self, span_count: int) -> None:
+        """Return once `span_count` more spans would be accepted (or the queue is empty)."""
         ...
 
     async def start(self) -> None:

@@ -35,6 +35,7 @@ class BatchingExporter(ABC):
         self._send_batch_size = batch.send_batch_size
         self._batch_timeout = batch.timeout
         self._queue_size = batch.queue_size
+        self.capacity = batch.queue_size
         self._num_consumers = batch.num_consumers if num_consumers is None else num_consumers
         self._batch: list[SpanGroup] = []
         self._batch_spans = 0
@@ -44,6 +45,8 @@ class BatchingExporter(ABC):
         self._sealed: asyncio.Queue[Batch] = asyncio.Queue()
         self._consumers: list[asyncio.Task[None]] = []
         self._closing = False
+        # Set whenever spans leave the queue, for wait_for_room.
+        self._room = asyncio.Event()
         self._exported = metrics.exported_spans.labels(name)
         self._failed = metrics.export_failed_spans.labels(name)
         self._dropped = metrics.export_dropped_spans.labels(name)
@@ -82,6 +85,12 @@ class BatchingExporter(ABC):
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._batch_timeout, self._seal)
 
+    async def wait_for_room(self, span_count: int) -> None:
+        """Wait until `span_count` more spans fit in the queue (or it is empty: they may never fit)."""
+        while self._pending_spans and self._pending_spans + span_count > self._queue_size:
+            self._room.clear()
+            await self._room.wait()
+
     async def start(self) -> None:
         await self.open()
         self._consumers = [
@@ -113,6 +122,7 @@ class BatchingExporter(ABC):
             self._sealed.task_done()
             self._failed.inc(span_count)
             self._pending_spans -= span_count
+            self._room.set()
         await self.close()
 
     def count_retry(self) -> None:
@@ -148,6 +158,7 @@ class BatchingExporter(ABC):
                 await self._deliver(groups, span_count)
             finally:
                 self._pending_spans -= span_count
+                self._room.set()
                 self._sealed.task_done()
 
     async def _deliver(self, groups: list[SpanGroup], span_count: int) -> None:

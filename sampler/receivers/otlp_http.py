@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import zlib
 from collections.abc import Callable
@@ -64,6 +65,9 @@ class OTLPHTTPReceiver:
         self._rejected = metrics.received_spans.labels(PROTOCOL, "rejected")
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        # Requests being handled, so that shutdown can let them finish.
+        self._in_flight = 0
+        self._idle = asyncio.Event()
 
     def make_app(self) -> web.Application:
         # client_max_size bounds the body as sent; the decompressed size is checked separately.
@@ -88,11 +92,30 @@ class OTLPHTTPReceiver:
 
     async def stop(self) -> None:
         """Stop accepting; requests in progress get `shutdown_grace` seconds to complete."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._runner is None:
+            return
+        # Close the listening sockets first: aiohttp's cleanup closes connections straight away, which
+        # would cut off a request whose body is still arriving.
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.shutdown_grace):
+                    await self._idle.wait()
+        await self._runner.cleanup()
+        self._runner = None
 
     async def handle_traces(self, request: web.Request) -> web.Response:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._handle_traces(request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _handle_traces(self, request: web.Request) -> web.Response:
         content_type = request.content_type
         try:
             decoder = _DECODERS.get(content_type)
