@@ -164,3 +164,17 @@ async def test_request_in_progress_completes_during_shutdown(
     await stopping
     assert reply.startswith(b"HTTP/1.1 200 "), reply
     assert len(downstream.spans()) == 6
+
+
+async def test_shutdown_while_many_traces_are_due_decides_them_all(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    config = gateway_config(downstream, decision_wait="0.05s", decision_tick="0.01s", policies=ERRORS_ONLY)
+    gateway = await start_gateway(config)
+    await send(receiver_url(gateway), make_request(traces=30_000, spans_per_trace=1))
+    # All due: stop while the tick loop is deciding them, a slice at a time.
+    decided = lambda: metric(gateway, "tailgate_traces_decided_total", decision="dropped")  # noqa: E731
+    await wait_for(lambda: decided() > 0, interval=0)
+    await gateway.stop()
+    assert decided() == 30_000
+    assert metric(gateway, "tailgate_buffered_traces") == 0
