@@ -143,12 +143,12 @@ class Decider:
                 self.metrics.policy_decisions.labels(policy.name, label).inc(count)
 
     def _mark(self, policy_name: str, groups: list[SpanGroup]) -> list[SpanGroup]:
-        """Record the keeping policy as the OTel Collector does: `tailsampling.policy` on the scope."""
-        if not self.record_policy:
-            return groups
         return [(self._policy_scope(scope, policy_name), entries, count) for scope, entries, count in groups]
 
     def _policy_scope(self, scope: Scope, policy_name: str) -> Scope:
+        """Record the keeping policy as the OTel Collector does: `tailsampling.policy` on the scope."""
+        if not self.record_policy:
+            return scope
         key = (scope, policy_name)
         marked = self._policy_scopes.get(key)
         if marked is None:
@@ -161,10 +161,7 @@ class Decider:
 
     def forward_late(self, spans: list[tuple[str, Scope, bytes]]) -> None:
         """Send late spans of kept traces straight to the exporters."""
-        groups = [
-            (self._policy_scope(scope, policy) if self.record_policy else scope, framed, 1)
-            for policy, scope, framed in spans
-        ]
+        groups = [(self._policy_scope(scope, policy), framed, 1) for policy, scope, framed in spans]
         for exporter in self.exporters:
             exporter.export(groups, len(groups))
 

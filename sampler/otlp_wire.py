@@ -1,8 +1,8 @@
 """The OTLP protobuf wire format as tailgate stores and forwards it.
 
-Spans stay in their serialized form from ingest to export: the receiver slices each span's bytes out of
-the request, the buffer keeps them framed as `ScopeSpans.spans` entries, and exporters concatenate them
-into an ExportTraceServiceRequest without re-encoding a message.
+Spans stay in their serialized form from ingest to export: the receiver takes each span's bytes as they
+arrived, the buffer keeps them framed as `ScopeSpans.spans` entries, and exporters concatenate them into
+an ExportTraceServiceRequest without re-encoding a message.
 """
 
 from __future__ import annotations

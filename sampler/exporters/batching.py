@@ -34,7 +34,7 @@ class BatchingExporter(ABC):
         self.name = name
         self._send_batch_size = batch.send_batch_size
         self._batch_timeout = batch.timeout
-        self._queue_size = batch.queue_size
+        # Spans batched, sealed or in flight at most; beyond it export() refuses.
         self.capacity = batch.queue_size
         self._num_consumers = batch.num_consumers if num_consumers is None else num_consumers
         self._batch: list[SpanGroup] = []
@@ -72,7 +72,7 @@ class BatchingExporter(ABC):
 
     def export(self, groups: list[SpanGroup], span_count: int) -> None:
         # Called once per kept trace: constant work, no per-span loop, never awaits.
-        if self._closing or self._pending_spans + span_count > self._queue_size:
+        if self._closing or self._pending_spans + span_count > self.capacity:
             self._refuse(span_count)
             return
         if not span_count:
@@ -87,7 +87,7 @@ class BatchingExporter(ABC):
 
     async def wait_for_room(self, span_count: int) -> None:
         """Wait until `span_count` more spans fit in the queue (or it is empty: they may never fit)."""
-        while self._pending_spans and self._pending_spans + span_count > self._queue_size:
+        while self._pending_spans and self._pending_spans + span_count > self.capacity:
             self._room.clear()
             await self._room.wait()
 
@@ -132,7 +132,7 @@ class BatchingExporter(ABC):
     def _refuse(self, span_count: int) -> None:
         self._dropped.inc(span_count)
         if self._drop_log.allow():
-            reason = "shutting down" if self._closing else f"queue full ({self._queue_size} spans)"
+            reason = "shutting down" if self._closing else f"queue full ({self.capacity} spans)"
             log.warning(
                 "exporter %s: %s, dropped %d spans (%d more refusals not logged)",
                 self.name,
