@@ -15,7 +15,7 @@ from sampler.config import Config
 from sampler.decider import Decider
 from sampler.exporters import build_exporters
 from sampler.metrics import Metrics
-from sampler.receivers.otlp_http import OTLPHTTPReceiver
+from sampler.receivers import build_receivers
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,7 @@ class Gateway:
             lambda: self.buffer.span_count,
             lambda: self.buffer.byte_count,
         )
-        self.receivers: list[OTLPHTTPReceiver] = []
-        http = config.receivers.otlp.http
-        if http is not None:
-            # Requests in progress at shutdown get a quarter of shutdown_timeout, exporters the rest.
-            grace = config.shutdown_timeout / 4
-            self.receivers.append(
-                OTLPHTTPReceiver(http, self.buffer, self.metrics, self.decider.count_late, grace)
-            )
+        self.receivers = build_receivers(config, self.buffer, self.metrics, self.decider.count_late)
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         self.ready = False
 

@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from policies.registry import build_policies
 from sampler.errors import ConfigError, validation_message
@@ -65,17 +74,51 @@ def _check_endpoint(value: str) -> str:
 Endpoint = Annotated[str, BeforeValidator(lambda v: _check_endpoint(str(v)))]
 
 
+MaxRequestBytes = Annotated[Count, Field(le=1 << 30)]
+
+
+def _enabled(value: Any) -> Any:
+    # As in the OTel Collector, a receiver is on when its key is present, even with no settings.
+    return {} if value is None else value
+
+
 class OTLPHTTPReceiverConfig(Model):
     endpoint: Endpoint = "127.0.0.1:4318"
-    max_request_bytes: Annotated[Count, Field(le=1 << 30)] = 8 * 1024 * 1024
+    # The body after decompression; larger requests get 413.
+    max_request_bytes: MaxRequestBytes = 8 * 1024 * 1024
+
+
+class OTLPGRPCReceiverConfig(Model):
+    endpoint: Endpoint = "127.0.0.1:4317"
+    # The message after decompression; larger ones get RESOURCE_EXHAUSTED.
+    max_request_bytes: MaxRequestBytes = 8 * 1024 * 1024
+
+
+class ZipkinReceiverConfig(Model):
+    endpoint: Endpoint = "127.0.0.1:9411"
+    max_request_bytes: MaxRequestBytes = 8 * 1024 * 1024
 
 
 class OTLPReceiversConfig(Model):
-    http: OTLPHTTPReceiverConfig | None = OTLPHTTPReceiverConfig()
+    http: Annotated[OTLPHTTPReceiverConfig | None, BeforeValidator(_enabled)] = None
+    grpc: Annotated[OTLPGRPCReceiverConfig | None, BeforeValidator(_enabled)] = None
 
 
 class ReceiversConfig(Model):
-    otlp: OTLPReceiversConfig = OTLPReceiversConfig()
+    """Each receiver runs when its block is present (`receivers: {otlp: {http:, grpc:}, zipkin:}`)."""
+
+    otlp: OTLPReceiversConfig | None = None
+    zipkin: Annotated[ZipkinReceiverConfig | None, BeforeValidator(_enabled)] = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> ReceiversConfig:
+        otlp = self.otlp
+        if (otlp is None or (otlp.http is None and otlp.grpc is None)) and self.zipkin is None:
+            raise ValueError("no receiver configured (add otlp.http, otlp.grpc or zipkin)")
+        return self
+
+
+_DEFAULT_RECEIVERS = ReceiversConfig(otlp=OTLPReceiversConfig(http=OTLPHTTPReceiverConfig()))
 
 
 class DecisionCacheConfig(Model):
@@ -116,21 +159,59 @@ class BatchConfig(Model):
     num_consumers: Count = 4
 
 
-class OTLPHTTPExporterConfig(Model):
-    type: Literal["otlp_http"] = "otlp_http"
-    endpoint: str
+class SendingExporterConfig(Model):
+    """Settings every exporter that sends over the network shares."""
+
     headers: dict[str, str] = Field(default_factory=dict)
     compression: Literal["gzip", "none"] = "gzip"
     timeout: PositiveSeconds = 10.0
     retry_on_failure: RetryConfig = RetryConfig()
     batch: BatchConfig = BatchConfig()
 
-    @field_validator("endpoint")
+
+def _check_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+HTTPURL = Annotated[str, AfterValidator(_check_url)]
+
+
+class OTLPHTTPExporterConfig(SendingExporterConfig):
+    type: Literal["otlp_http"] = "otlp_http"
+    endpoint: HTTPURL
+
+
+def _grpc_target(value: Any) -> Any:
+    # Accepted as the OTel SDKs write it too: http://host:port (plaintext).
+    if isinstance(value, str) and value.startswith("http://"):
+        value = value.removeprefix("http://").rstrip("/")
+    return value
+
+
+class OTLPGRPCExporterConfig(SendingExporterConfig):
+    type: Literal["otlp_grpc"] = "otlp_grpc"
+    # host:port of an OTLP/gRPC server (plaintext; TLS comes with the security settings).
+    endpoint: Annotated[Endpoint, BeforeValidator(_grpc_target)]
+
+    @field_validator("headers")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+    def _metadata_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        # gRPC metadata keys are lower case; a `-bin` suffix would need binary values.
+        lowered = {key.lower(): item for key, item in value.items()}
+        for key in lowered:
+            if key.endswith("-bin") or not re.fullmatch(r"[0-9a-z_.-]+", key):
+                raise ValueError(f"invalid gRPC metadata key {key!r}")
+        return lowered
+
+
+class ZipkinExporterConfig(SendingExporterConfig):
+    type: Literal["zipkin"] = "zipkin"
+    # The Zipkin v2 API, e.g. http://zipkin:9411/api/v2/spans.
+    endpoint: HTTPURL
+    # localEndpoint.serviceName for spans whose resource has no service.name.
+    default_service_name: str = "unknown_service"
 
 
 class FileExporterConfig(Model):
@@ -139,9 +220,14 @@ class FileExporterConfig(Model):
     batch: BatchConfig = BatchConfig(send_batch_size=1024, timeout=0.5)
 
 
-ExporterConfig = Annotated[OTLPHTTPExporterConfig | FileExporterConfig, Field(discriminator="type")]
-EXPORTER_TYPES: dict[str, type[OTLPHTTPExporterConfig] | type[FileExporterConfig]] = {
+ExporterConfig = Annotated[
+    OTLPHTTPExporterConfig | OTLPGRPCExporterConfig | ZipkinExporterConfig | FileExporterConfig,
+    Field(discriminator="type"),
+]
+EXPORTER_TYPES: dict[str, type[Model]] = {
     "otlp_http": OTLPHTTPExporterConfig,
+    "otlp_grpc": OTLPGRPCExporterConfig,
+    "zipkin": ZipkinExporterConfig,
     "file": FileExporterConfig,
 }
 
@@ -151,7 +237,8 @@ class AdminConfig(Model):
 
 
 class Config(Model):
-    receivers: ReceiversConfig = ReceiversConfig()
+    # Without a receivers block: OTLP/HTTP on its default endpoint.
+    receivers: ReceiversConfig = _DEFAULT_RECEIVERS
     tail_sampling: TailSamplingConfig = TailSamplingConfig()
     # Keyed `type` or `type/name` as in the OTel Collector, e.g. `otlp_http/backend`.
     exporters: dict[str, ExporterConfig] = Field(min_length=1)

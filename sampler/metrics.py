@@ -71,6 +71,12 @@ class Metrics:
             ["protocol", "outcome"],
             registry=r,
         )
+        self.received_requests = Counter(
+            "tailgate_receiver_requests",
+            "Requests (or gRPC calls) received, by protocol, whatever their outcome.",
+            ["protocol"],
+            registry=r,
+        )
         self.rejected_requests = Counter(
             "tailgate_receiver_rejected_requests",
             "Requests refused with a 4xx/5xx reply, by protocol and reason.",

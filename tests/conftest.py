@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -19,6 +19,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from sampler.app import Gateway
+
+if TYPE_CHECKING:
+    from tests.grpc_downstream import GRPCDownstream
 from sampler.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +101,15 @@ async def downstream() -> AsyncIterator[Downstream]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def grpc_downstream() -> AsyncIterator[GRPCDownstream]:
+    """A real OTLP/gRPC backend on loopback (tests/grpc_downstream.py)."""
+    from tests.grpc_downstream import GRPCDownstream
+
+    async with GRPCDownstream() as server:
+        yield server
 
 
 def gateway_config(downstream: Downstream | None, **sampling: Any) -> dict[str, Any]:

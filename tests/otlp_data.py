@@ -6,6 +6,7 @@ import base64
 import json
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 from google.protobuf import json_format
@@ -15,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 PROTOBUF = {"Content-Type": "application/x-protobuf"}
@@ -35,10 +36,10 @@ async def send(url: str, request: ExportTraceServiceRequest) -> None:
     assert status == 200, body
 
 
-def _provider(url: str, service: str) -> TracerProvider:
+def _provider(url: str, service: str, exporter: Callable[..., SpanExporter]) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
     processor = BatchSpanProcessor(
-        OTLPSpanExporter(endpoint=url, timeout=5),
+        exporter(endpoint=url, timeout=5),
         max_export_batch_size=128,
         schedule_delay_millis=50,
     )
@@ -46,14 +47,17 @@ def _provider(url: str, service: str) -> TracerProvider:
     return provider
 
 
-def send_sdk_traces(url: str, plan: list[str]) -> dict[bytes, tuple[str, int]]:
+def send_sdk_traces(
+    url: str, plan: list[str], exporter: Callable[..., SpanExporter] = OTLPSpanExporter
+) -> dict[bytes, tuple[str, int]]:
     """Emit one trace per plan entry ("error", "slow", "ok") from two services with the OTel SDK.
 
     The root span comes from `frontend`, three children from `backend`: each trace crosses two
-    resources and two connections. Returns trace id → (kind, span count).
+    resources and two connections. Returns trace id → (kind, span count). `exporter` is the SDK's
+    OTLP/HTTP exporter or its OTLP/gRPC one (which reads an http:// URL as a plaintext host:port).
     """
-    frontend = _provider(url, "frontend")
-    backend = _provider(url, "backend")
+    frontend = _provider(url, "frontend", exporter)
+    backend = _provider(url, "backend", exporter)
     root_tracer = frontend.get_tracer("tests.frontend")
     child_tracer = backend.get_tracer("tests.backend", "1.0")
     traces: dict[bytes, tuple[str, int]] = {}

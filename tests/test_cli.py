@@ -67,6 +67,8 @@ async def test_make_run_starts_and_writes_the_file_sink(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "TAILGATE_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{http_port}",
+        "TAILGATE_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "TAILGATE_ZIPKIN_ENDPOINT": f"127.0.0.1:{free_port()}",
         "TAILGATE_ADMIN_ENDPOINT": f"127.0.0.1:{admin_port}",
         "TAILGATE_FILE_PATH": str(sink),
     }

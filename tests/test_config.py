@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sampler.config import parse_config
 from tests.conftest import ROOT, TAILGATE
 
 
@@ -64,6 +65,26 @@ def test_shipped_config_is_valid() -> None:
             lambda c: c["receivers"]["otlp"]["http"].update(max_request_bytes=10**30),
             "receivers.otlp.http.max_request_bytes",
         ),
+        (lambda c: c["receivers"].update(zipkin={"endpoint": "9411"}), "receivers.zipkin.endpoint"),
+        (
+            lambda c: c["receivers"]["otlp"].update(grpc={"max_request_bytes": 0}),
+            "receivers.otlp.grpc.max_request_bytes",
+        ),
+        (lambda c: c.update(receivers={"otlp": {}}), "receivers: no receiver configured"),
+        (
+            lambda c: c["exporters"].update({"otlp_grpc/backend": {"endpoint": "https://x/v1/traces"}}),
+            "exporters.otlp_grpc/backend.endpoint",
+        ),
+        (
+            lambda c: c["exporters"].update(
+                {"otlp_grpc": {"endpoint": "127.0.0.1:4317", "headers": {"Auth Token": "x"}}}
+            ),
+            "exporters.otlp_grpc.headers: invalid gRPC metadata key 'auth token'",
+        ),
+        (
+            lambda c: c["exporters"].update({"zipkin": {"endpoint": "zipkin:9411"}}),
+            "exporters.zipkin.endpoint",
+        ),
     ],
     ids=[
         "policy-param",
@@ -79,6 +100,12 @@ def test_shipped_config_is_valid() -> None:
         "infinite",
         "exporter-not-mapping",
         "limit-too-big",
+        "zipkin-endpoint",
+        "grpc-limit",
+        "no-receiver",
+        "grpc-exporter-endpoint",
+        "grpc-metadata-key",
+        "zipkin-exporter-url",
     ],
 )
 def test_check_config_names_the_key_path(tmp_path: Path, mutate: Any, message: str) -> None:
@@ -107,3 +134,27 @@ def test_env_substitution_with_default(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     assert check_config(path).returncode == 0
     assert check_config(path, {"TAILGATE_TEST_TRACES": "0"}).returncode == 2
+
+
+def test_receivers_run_when_their_block_is_present() -> None:
+    exporters = {"file": {"path": "traces.jsonl"}}
+    default = parse_config({"exporters": exporters}).receivers
+    assert default.otlp is not None and default.otlp.http is not None
+    assert default.otlp.grpc is None and default.zipkin is None
+    # A present key with no settings (YAML `grpc:`) turns the receiver on with its defaults.
+    chosen = parse_config({"receivers": {"otlp": {"grpc": None}, "zipkin": None}, "exporters": exporters})
+    receivers = chosen.receivers
+    assert receivers.otlp is not None and receivers.otlp.http is None
+    assert receivers.otlp.grpc is not None and receivers.otlp.grpc.endpoint == "127.0.0.1:4317"
+    assert receivers.zipkin is not None and receivers.zipkin.endpoint == "127.0.0.1:9411"
+
+
+def test_grpc_exporter_endpoint_forms() -> None:
+    def endpoint(value: str) -> str:
+        config = parse_config({"exporters": {"otlp_grpc": {"endpoint": value, "headers": {"X-Tenant": "a"}}}})
+        exporter = config.exporters["otlp_grpc"]
+        assert exporter.type == "otlp_grpc" and exporter.headers == {"x-tenant": "a"}
+        return exporter.endpoint
+
+    assert endpoint("collector:4317") == "collector:4317"
+    assert endpoint("http://collector:4317/") == "collector:4317"

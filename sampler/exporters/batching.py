@@ -54,6 +54,7 @@ class BatchingExporter(ABC):
         metrics.export_queue_spans.labels(name).set_function(lambda: self._pending_spans)
         self._drop_log = LogThrottle()
         self._failure_log = LogThrottle()
+        self._partial_log = LogThrottle()
 
     @abstractmethod
     async def send(self, body: bytes, span_count: int) -> int:
@@ -125,9 +126,22 @@ class BatchingExporter(ABC):
             self._room.set()
         await self.close()
 
-    def count_retry(self) -> None:
-        """Record one retried send attempt."""
+    def log_retry(self, failure: Exception, delay: float) -> None:
+        """Record one retried send attempt (the `on_retry` of `with_retries`)."""
+        log.debug("exporter %s: %s; retrying in %.2fs", self.name, failure, delay)
         self._retries.inc()
+
+    def log_rejected(self, rejected: int, span_count: int, message: str) -> None:
+        """Warn (rate-limited) that the downstream took a batch of `span_count` but rejected some spans."""
+        if rejected > 0 and self._partial_log.allow():
+            log.warning(
+                "exporter %s: downstream rejected %d of %d spans: %s (%d similar messages suppressed)",
+                self.name,
+                rejected,
+                span_count,
+                message or "no message",
+                self._partial_log.take_suppressed(),
+            )
 
     def _refuse(self, span_count: int) -> None:
         self._dropped.inc(span_count)

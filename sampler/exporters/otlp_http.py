@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
-import logging
-import random
 import zlib
 from datetime import UTC, datetime
 
@@ -16,12 +14,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from sampler.config import OTLPHTTPExporterConfig
 from sampler.errors import ExportError
-from sampler.exporters.batching import BatchingExporter
-from sampler.logthrottle import LogThrottle
+from sampler.exporters.retry import Retryable, RetryingExporter
 from sampler.metrics import Metrics
 from sampler.otlp_wire import iter_fields
-
-log = logging.getLogger(__name__)
 
 # The OTLP/HTTP spec's retryable statuses; 429 and 503 may carry Retry-After.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -29,8 +24,6 @@ THROTTLE_STATUSES = frozenset({429, 503})
 # Larger bodies are compressed in a worker thread: zlib releases the GIL, so the loop keeps going.
 THREAD_COMPRESS_BYTES = 64 * 1024
 GZIP_LEVEL = 6
-# Backoff jitter as in the OTel Collector: each wait is the interval ±50%.
-JITTER = 0.5
 _STATUS_MESSAGE = 0x12  # google.rpc.Status.message = 2
 _ERROR_SNIPPET = 200
 
@@ -88,25 +81,16 @@ def rejected_spans(body: bytes, content_type: str) -> tuple[int, str]:
     return int(partial.rejected_spans), str(partial.error_message)
 
 
-class _Retryable(Exception):
-    """One attempt failed in a way worth retrying; `delay` is the server's Retry-After, if any."""
-
-    def __init__(self, reason: str, delay: float | None = None) -> None:
-        super().__init__(reason)
-        self.delay = delay
-
-
-class OTLPHTTPExporter(BatchingExporter):
+class OTLPHTTPExporter(RetryingExporter):
     """Sends batches as `application/x-protobuf` POSTs over one aiohttp session."""
 
     def __init__(self, name: str, config: OTLPHTTPExporterConfig, metrics: Metrics) -> None:
-        super().__init__(name, config.batch, metrics)
+        super().__init__(name, config, metrics)
         self.config = config
         self._session: aiohttp.ClientSession | None = None
         self._headers = {**config.headers, "Content-Type": "application/x-protobuf"}
         if config.compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"
-        self._partial_log = LogThrottle()
 
     async def open(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -119,67 +103,44 @@ class OTLPHTTPExporter(BatchingExporter):
             await self._session.close()
             self._session = None
 
-    async def send(self, body: bytes, span_count: int) -> int:
-        if self.config.compression == "gzip":
-            if len(body) > THREAD_COMPRESS_BYTES:
-                body = await asyncio.to_thread(gzip_compress, body)
-            else:
-                body = gzip_compress(body)
-        retry = self.config.retry_on_failure
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        interval = retry.initial_interval
-        while True:
-            try:
-                return await self._attempt(body, span_count)
-            except _Retryable as failure:
-                if not retry.enabled:
-                    raise ExportError(f"{failure} (retries disabled)") from None
-                if failure.delay is not None:
-                    delay = failure.delay
-                else:
-                    delay = min(retry.max_interval, interval * random.uniform(1 - JITTER, 1 + JITTER))
-                interval = min(retry.max_interval, interval * retry.multiplier)
-                elapsed = loop.time() - started
-                # max_elapsed_time 0 retries forever, as in the OTel Collector.
-                if retry.max_elapsed_time and elapsed + delay > retry.max_elapsed_time:
-                    raise ExportError(
-                        f"{failure}; giving up after {elapsed:.1f}s "
-                        f"(max_elapsed_time {retry.max_elapsed_time:g}s)"
-                    ) from None
-                log.debug("exporter %s: %s; retrying in %.2fs", self.name, failure, delay)
-                self.count_retry()
-                await asyncio.sleep(delay)
+    async def encode(self, body: bytes) -> bytes:
+        if self.config.compression != "gzip":
+            return body
+        if len(body) > THREAD_COMPRESS_BYTES:
+            return await asyncio.to_thread(gzip_compress, body)
+        return gzip_compress(body)
 
-    async def _attempt(self, body: bytes, span_count: int) -> int:
+    async def attempt(self, payload: bytes, span_count: int) -> int:
         if self._session is None:
             raise ExportError("exporter not started")
         try:
-            async with self._session.post(self.config.endpoint, data=body) as response:
+            async with self._session.post(self.config.endpoint, data=payload) as response:
                 reply = await response.read()
                 status = response.status
                 content_type = response.headers.get("Content-Type", "")
                 retry_after = response.headers.get("Retry-After")
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
-            raise _Retryable(f"{type(error).__name__}: {error}") from None
-        except TimeoutError:
-            raise _Retryable(f"no reply within {self.config.timeout:g}s") from None
         except aiohttp.ClientError as error:
-            raise ExportError(f"{type(error).__name__}: {error}") from None
+            raise transport_failure(error) from None
+        except TimeoutError:
+            raise Retryable(f"no reply within {self.config.timeout:g}s") from None
         if 200 <= status < 300:
             rejected, message = rejected_spans(reply, content_type)
-            if rejected > 0 and self._partial_log.allow():
-                log.warning(
-                    "exporter %s: downstream rejected %d of %d spans: %s (%d similar messages suppressed)",
-                    self.name,
-                    rejected,
-                    span_count,
-                    message or "no message",
-                    self._partial_log.take_suppressed(),
-                )
+            self.log_rejected(rejected, span_count, message)
             return rejected
-        text = error_message(reply, content_type)
-        if status in RETRYABLE_STATUSES:
-            delay = parse_retry_after(retry_after) if status in THROTTLE_STATUSES else None
-            raise _Retryable(f"HTTP {status}: {text}", delay)
-        raise ExportError(f"HTTP {status} (not retryable): {text}")
+        raise http_failure(status, retry_after, error_message(reply, content_type))
+
+
+def http_failure(status: int, retry_after: str | None, text: str) -> Exception:
+    """What an error reply means: retry (after the server's Retry-After, if it sent one) or give up."""
+    if status not in RETRYABLE_STATUSES:
+        return ExportError(f"HTTP {status} (not retryable): {text}")
+    delay = parse_retry_after(retry_after) if status in THROTTLE_STATUSES else None
+    return Retryable(f"HTTP {status}: {text}", delay)
+
+
+def transport_failure(error: aiohttp.ClientError) -> Exception:
+    """A connection that failed or broke is retried; any other client error is not."""
+    message = f"{type(error).__name__}: {error}"
+    if isinstance(error, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return Retryable(message)
+    return ExportError(message)

@@ -1,1 +1,39 @@
 """Receivers: decode spans from the wire and hand them to the trace buffer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sampler.buffer import IngestResult, TraceBuffer
+from sampler.config import Config
+from sampler.metrics import Metrics
+from sampler.receivers.common import Ingest, Receiver
+from sampler.receivers.otlp_grpc import OTLPGRPCReceiver
+from sampler.receivers.otlp_http import OTLPHTTPReceiver
+from sampler.receivers.zipkin import ZipkinReceiver
+
+__all__ = ["Ingest", "Receiver", "build_receivers"]
+
+
+def build_receivers(
+    config: Config,
+    buffer: TraceBuffer,
+    metrics: Metrics,
+    count_late: Callable[[IngestResult], None],
+) -> list[Receiver]:
+    """One receiver per configured block, all feeding `buffer` on the running event loop."""
+    # Requests in progress at shutdown get a quarter of shutdown_timeout, exporters the rest.
+    grace = config.shutdown_timeout / 4
+
+    def ingest(protocol: str) -> Ingest:
+        return Ingest(protocol, buffer, metrics, count_late)
+
+    receivers: list[Receiver] = []
+    otlp = config.receivers.otlp
+    if otlp is not None and otlp.http is not None:
+        receivers.append(OTLPHTTPReceiver(otlp.http, ingest(OTLPHTTPReceiver.protocol), grace))
+    if otlp is not None and otlp.grpc is not None:
+        receivers.append(OTLPGRPCReceiver(otlp.grpc, ingest(OTLPGRPCReceiver.protocol), grace))
+    if config.receivers.zipkin is not None:
+        receivers.append(ZipkinReceiver(config.receivers.zipkin, ingest(ZipkinReceiver.protocol), grace))
+    return receivers

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
-import zlib
 from collections.abc import Callable
 
 from aiohttp import web
@@ -13,13 +10,12 @@ from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
+from sampler.buffer import IngestResult, SpanBatch
 from sampler.config import OTLPHTTPReceiverConfig
-from sampler.errors import DecodeError, TailgateError
-from sampler.metrics import Metrics
+from sampler.errors import DecodeError
+from sampler.receivers.common import Ingest
+from sampler.receivers.http_server import HTTPReceiver, RequestRejected
 from sampler.receivers.otlp_decode import decode_json, decode_protobuf
-
-log = logging.getLogger(__name__)
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -35,87 +31,20 @@ Decoder = Callable[[bytes], list[SpanBatch]]
 _DECODERS: dict[str, Decoder] = {PROTOBUF: decode_protobuf, JSON: decode_json}
 
 
-class RequestRejected(TailgateError):
-    """A request answered with an error status before any span was buffered."""
+class OTLPHTTPReceiver(HTTPReceiver):
+    """`POST /v1/traces` in front of the trace buffer."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
+    protocol = PROTOCOL
+    label = "OTLP/HTTP"
 
-
-class OTLPHTTPReceiver:
-    """The aiohttp server in front of the trace buffer."""
-
-    def __init__(
-        self,
-        config: OTLPHTTPReceiverConfig,
-        buffer: TraceBuffer,
-        metrics: Metrics,
-        count_late: Callable[[IngestResult], None],
-        shutdown_grace: float,
-    ) -> None:
+    def __init__(self, config: OTLPHTTPReceiverConfig, ingest: Ingest, shutdown_grace: float) -> None:
+        super().__init__(config.endpoint, config.max_request_bytes, ingest, shutdown_grace)
         self.config = config
-        self.buffer = buffer
-        self.metrics = metrics
-        self.count_late = count_late
-        self.shutdown_grace = shutdown_grace
-        self._accepted = metrics.received_spans.labels(PROTOCOL, "accepted")
-        self._rejected = metrics.received_spans.labels(PROTOCOL, "rejected")
-        self._runner: web.AppRunner | None = None
-        self.port: int | None = None
-        # Requests being handled, so that shutdown can let them finish.
-        self._in_flight = 0
-        self._idle = asyncio.Event()
 
-    def make_app(self) -> web.Application:
-        # client_max_size bounds the body as sent; the decompressed size is checked separately.
-        app = web.Application(client_max_size=self.config.max_request_bytes)
-        app.router.add_post("/v1/traces", self.handle_traces)
-        return app
-
-    async def start(self) -> None:
-        host, _, port = self.config.endpoint.rpartition(":")
-        # Decompression is done here, bounded, instead of by aiohttp's unbounded reader.
-        self._runner = web.AppRunner(
-            self.make_app(),
-            auto_decompress=False,
-            access_log=None,
-            shutdown_timeout=self.shutdown_grace,
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
-        await site.start()
-        self.port = _bound_port(self._runner)
-        log.info("OTLP/HTTP receiver listening on %s:%s", host, self.port)
-
-    async def stop(self) -> None:
-        """Stop accepting; requests in progress get `shutdown_grace` seconds to complete."""
-        if self._runner is None:
-            return
-        # Close the listening sockets first: aiohttp's cleanup closes connections straight away, which
-        # would cut off a request whose body is still arriving.
-        for site in list(self._runner.sites):
-            await site.stop()
-        if self._in_flight:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.shutdown_grace):
-                    await self._idle.wait()
-        await self._runner.cleanup()
-        self._runner = None
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/traces", self.tracked(self.handle_traces))
 
     async def handle_traces(self, request: web.Request) -> web.Response:
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            return await self._handle_traces(request)
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
-
-    async def _handle_traces(self, request: web.Request) -> web.Response:
         content_type = request.content_type
         try:
             decoder = _DECODERS.get(content_type)
@@ -125,7 +54,7 @@ class OTLPHTTPReceiver:
                     "unsupported_media_type",
                     f"unsupported content type {content_type!r}; use {PROTOBUF} or {JSON}",
                 )
-            body = await self._read_body(request)
+            body = await self.read_body(request)
             try:
                 if decoder is decode_json and len(body) > _JSON_INLINE_BYTES:
                     # Pure-Python JSON decoding of a large body would stall every other request;
@@ -136,62 +65,9 @@ class OTLPHTTPReceiver:
             except DecodeError as error:
                 raise RequestRejected(400, "malformed", str(error)) from None
         except RequestRejected as rejected:
-            self.metrics.rejected_requests.labels(PROTOCOL, rejected.reason).inc()
+            self.ingest.refuse(rejected.reason)
             return _error_reply(rejected, content_type)
-        result = self.buffer.add_spans(batches)
-        self._count(result)
-        return _success_reply(result, content_type)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.config.max_request_bytes
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise RequestRejected(
-                413, "too_large", f"request body exceeds max_request_bytes ({limit})"
-            ) from None
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding not in ("gzip", "deflate"):
-            raise RequestRejected(415, "unsupported_encoding", f"unsupported Content-Encoding {encoding!r}")
-        return _decompress(body, encoding, limit)
-
-    def _count(self, result: IngestResult) -> None:
-        if result.accepted:
-            self._accepted.inc(result.accepted)
-        if result.rejected:
-            self._rejected.inc(result.rejected)
-        if result.late_kept or result.late_dropped:
-            self.count_late(result)
-
-
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Decompress a gzip (every member, as RFC 1952 allows several) or zlib body, at most `limit` bytes.
-
-    max_length makes a decompression bomb stop at the limit instead of filling memory.
-    """
-    wbits = 31 if encoding == "gzip" else zlib.MAX_WBITS
-    parts: list[bytes] = []
-    size = 0
-    data = body
-    while True:
-        decompressor = zlib.decompressobj(wbits)
-        try:
-            part = decompressor.decompress(data, limit + 1 - size)
-        except zlib.error as error:
-            raise RequestRejected(400, "malformed", f"invalid {encoding} body: {error}") from None
-        size += len(part)
-        if size > limit:
-            raise RequestRejected(413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})")
-        if not decompressor.eof:
-            raise RequestRejected(400, "malformed", f"truncated {encoding} body")
-        parts.append(part)
-        data = decompressor.unused_data
-        if not data:
-            return b"".join(parts)
-        if encoding != "gzip" or not data.startswith(b"\x1f\x8b"):
-            raise RequestRejected(400, "malformed", f"unexpected data after the {encoding} stream")
+        return _success_reply(self.ingest.add(batches), content_type)
 
 
 def _success_reply(result: IngestResult, content_type: str) -> web.Response:
@@ -218,10 +94,3 @@ def _error_reply(rejected: RequestRejected, content_type: str) -> web.Response:
         text=json_format.MessageToJson(status, indent=None),
         content_type=JSON,
     )
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("receiver is not bound")

@@ -1,0 +1,58 @@
+"""What every receiver shares: handing decoded batches to the buffer and counting under its protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
+from sampler.metrics import Metrics
+
+
+class Receiver(Protocol):
+    """A server that feeds the trace buffer."""
+
+    protocol: str
+    port: int | None  # the bound port once started
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Stop accepting; requests in progress get the shutdown grace to complete."""
+        ...
+
+
+class Ingest:
+    """The buffer's entry point for one protocol: adds decoded spans, counts what became of them."""
+
+    def __init__(
+        self,
+        protocol: str,
+        buffer: TraceBuffer,
+        metrics: Metrics,
+        count_late: Callable[[IngestResult], None],
+    ) -> None:
+        self.protocol = protocol
+        self.buffer = buffer
+        self.count_late = count_late
+        self._accepted = metrics.received_spans.labels(protocol, "accepted")
+        self._rejected = metrics.received_spans.labels(protocol, "rejected")
+        self._rejected_requests = metrics.rejected_requests
+        self._requests = metrics.received_requests.labels(protocol)
+
+    def add(self, batches: list[SpanBatch]) -> IngestResult:
+        """Buffer the spans of one decoded request; every receiver goes through here."""
+        self._requests.inc()
+        result = self.buffer.add_spans(batches)
+        if result.accepted:
+            self._accepted.inc(result.accepted)
+        if result.rejected:
+            self._rejected.inc(result.rejected)
+        if result.late_kept or result.late_dropped:
+            self.count_late(result)
+        return result
+
+    def refuse(self, reason: str) -> None:
+        """Count a request refused as a whole (malformed, too large, unsupported, ...)."""
+        self._requests.inc()
+        self._rejected_requests.labels(self.protocol, reason).inc()

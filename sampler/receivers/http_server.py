@@ -1,0 +1,161 @@
+"""The aiohttp server the HTTP receivers (OTLP/HTTP, Zipkin) share: lifecycle, bounded bodies, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sampler.errors import TailgateError
+from sampler.receivers.common import Ingest
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RequestRejected(TailgateError):
+    """A request answered with an error status before any span was buffered."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class HTTPReceiver(ABC):
+    """An aiohttp server on `endpoint` whose routes hand spans to `ingest`.
+
+    Subclasses add their routes in `routes`, wrapped with `tracked` so that shutdown lets requests in
+    progress finish.
+    """
+
+    protocol: str
+    label: str  # for logs, e.g. "OTLP/HTTP"
+
+    def __init__(self, endpoint: str, max_request_bytes: int, ingest: Ingest, shutdown_grace: float) -> None:
+        self.endpoint = endpoint
+        self.max_request_bytes = max_request_bytes
+        self.ingest = ingest
+        self.shutdown_grace = shutdown_grace
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+
+    @abstractmethod
+    def routes(self, app: web.Application) -> None:
+        """Add this receiver's routes to `app`."""
+
+    def make_app(self) -> web.Application:
+        # client_max_size bounds the body as sent; the decompressed size is checked separately.
+        app = web.Application(client_max_size=self.max_request_bytes)
+        self.routes(app)
+        return app
+
+    async def start(self) -> None:
+        host, _, port = self.endpoint.rpartition(":")
+        # Decompression is done here, bounded, instead of by aiohttp's unbounded reader.
+        self._runner = web.AppRunner(
+            self.make_app(),
+            auto_decompress=False,
+            access_log=None,
+            shutdown_timeout=self.shutdown_grace,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        self.port = _bound_port(self._runner)
+        log.info("%s receiver listening on %s:%s", self.label, host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting; requests in progress get `shutdown_grace` seconds to complete."""
+        if self._runner is None:
+            return
+        # Close the listening sockets first: aiohttp's cleanup closes connections straight away, which
+        # would cut off a request whose body is still arriving.
+        for site in list(self._runner.sites):
+            await site.stop()
+        if self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.shutdown_grace):
+                    await self._idle.wait()
+        await self._runner.cleanup()
+        self._runner = None
+
+    def tracked(self, handler: Handler) -> Handler:
+        """`handler`, counted as in flight while it runs."""
+
+        async def run(request: web.Request) -> web.StreamResponse:
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                return await handler(request)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+
+        return run
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request body, decompressed per Content-Encoding, at most `max_request_bytes`."""
+        limit = self.max_request_bytes
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestRejected(
+                413, "too_large", f"request body exceeds max_request_bytes ({limit})"
+            ) from None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding not in ("gzip", "deflate"):
+            raise RequestRejected(415, "unsupported_encoding", f"unsupported Content-Encoding {encoding!r}")
+        return decompress(body, encoding, limit)
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress a gzip (every member, as RFC 1952 allows several) or zlib body, at most `limit` bytes.
+
+    max_length makes a decompression bomb stop at the limit instead of filling memory.
+    """
+    wbits = 31 if encoding == "gzip" else zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    data = body
+    while True:
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            part = decompressor.decompress(data, limit + 1 - size)
+        except zlib.error as error:
+            raise RequestRejected(400, "malformed", f"invalid {encoding} body: {error}") from None
+        size += len(part)
+        if size > limit:
+            raise RequestRejected(413, "too_large", f"decompressed body exceeds max_request_bytes ({limit})")
+        if not decompressor.eof:
+            raise RequestRejected(400, "malformed", f"truncated {encoding} body")
+        parts.append(part)
+        data = decompressor.unused_data
+        if not data:
+            return b"".join(parts)
+        if encoding != "gzip" or not data.startswith(b"\x1f\x8b"):
+            raise RequestRejected(400, "malformed", f"unexpected data after the {encoding} stream")
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("receiver is not bound")

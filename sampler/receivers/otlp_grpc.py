@@ -1,0 +1,148 @@
+"""OTLP/gRPC trace receiver: `TraceService/Export` on a grpc.aio server sharing the gateway's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from sampler.buffer import IngestResult
+from sampler.config import OTLPGRPCReceiverConfig
+from sampler.errors import DecodeError
+from sampler.receivers.common import Ingest
+from sampler.receivers.otlp_decode import decode_protobuf
+
+log = logging.getLogger(__name__)
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+PROTOCOL = "otlp_grpc"
+# The wait suggested to calls refused at shutdown; behind a load balancer the retry reaches another instance.
+SHUTDOWN_RETRY_DELAY = 1.0
+_SHUTTING_DOWN = "tailgate is shutting down; retry later or elsewhere"
+_EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+
+
+def retry_later(code: grpc.StatusCode, message: str, delay: float) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata telling an OTLP client to retry after `delay` seconds.
+
+    The OTLP spec reads RetryInfo from the google.rpc.Status details (`grpc-status-details-bin`); the OTel
+    Python SDK reads a bare RetryInfo under `google.rpc.retryinfo-bin`, so both are sent.
+    """
+    retry_delay = Duration()
+    retry_delay.FromNanoseconds(round(delay * 1e9))
+    retry_info = RetryInfo(retry_delay=retry_delay)
+    detail = AnyMessage()
+    detail.Pack(retry_info)
+    status = Status(code=code.value[0], message=message, details=[detail])
+    return (
+        ("grpc-status-details-bin", status.SerializeToString()),
+        ("google.rpc.retryinfo-bin", retry_info.SerializeToString()),
+    )
+
+
+_SHUTTING_DOWN_TRAILERS = retry_later(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN, SHUTDOWN_RETRY_DELAY)
+
+
+class OTLPGRPCReceiver:
+    """`TraceService/Export` in front of the trace buffer."""
+
+    protocol = PROTOCOL
+
+    def __init__(self, config: OTLPGRPCReceiverConfig, ingest: Ingest, shutdown_grace: float) -> None:
+        self.config = config
+        self.ingest = ingest
+        self.shutdown_grace = shutdown_grace
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopping = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            options=[
+                # grpc checks this limit after decompression too, before the message reaches the handler.
+                ("grpc.max_receive_message_length", self.config.max_request_bytes),
+                # A port another process listens on is a start error, not a silent share of its traffic.
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        # Export is unary, but served as request-streaming (one message on the wire either way): the handler
+        # then runs from the call's arrival instead of after its message, so shutdown can tell the calls in
+        # progress from those that arrive after it began.
+        export = grpc.stream_unary_rpc_method_handler(self._export)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": export}),))
+        try:
+            port = server.add_insecure_port(self.config.endpoint)
+        except RuntimeError as error:
+            await server.stop(None)
+            raise OSError(
+                f"OTLP/gRPC receiver cannot listen on {self.config.endpoint} (address in use or unavailable)"
+            ) from error
+        await server.start()
+        self._server = server
+        self._stopping = False
+        self.port = port
+        host = self.config.endpoint.rpartition(":")[0]
+        log.info("OTLP/gRPC receiver listening on %s:%s", host, port)
+
+    async def stop(self) -> None:
+        """Refuse new calls; calls in progress get `shutdown_grace` seconds to complete, then grpc closes."""
+        server = self._server
+        if server is None:
+            return
+        self._stopping = True
+        deadline = asyncio.get_running_loop().time() + self.shutdown_grace
+        if self._in_flight:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._idle.wait()
+        # What is still running when the grace is over, grpc cancels.
+        await server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
+        self._server = None
+
+    async def _export(self, requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+        if self._stopping:
+            self.ingest.refuse("shutting_down")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN, trailing_metadata=_SHUTTING_DOWN_TRAILERS
+            )
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._ingest_request(context)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _ingest_request(self, context: grpc.aio.ServicerContext) -> bytes:
+        """Read the call's one message, buffer its spans; the serialized ExportTraceServiceResponse."""
+        body = await context.read()
+        if body is grpc.aio.EOF:
+            # grpc has already answered a message over max_request_bytes (RESOURCE_EXHAUSTED); this status
+            # reaches only a client that sent no message at all.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no ExportTraceServiceRequest sent")
+        try:
+            batches = decode_protobuf(body)
+        except DecodeError as error:
+            self.ingest.refuse("malformed")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return _reply(self.ingest.add(batches))
+
+
+def _reply(result: IngestResult) -> bytes:
+    if not result.rejected:
+        return _EMPTY_RESPONSE
+    response = ExportTraceServiceResponse()
+    response.partial_success.rejected_spans = result.rejected
+    response.partial_success.error_message = "; ".join(result.errors)
+    return response.SerializeToString()
