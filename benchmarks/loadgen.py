@@ -1,4 +1,5 @@
-"""OTLP/HTTP load generator: a lean asyncio HTTP/1.1 keep-alive client on uvloop, in its own process.
+"""OTLP load generator in its own process: a lean asyncio HTTP/1.1 keep-alive client on uvloop, or
+(`--protocol grpc`) grpc.aio channels calling TraceService/Export with the same request bodies.
 
 Prints JSON lines on stdout: `measure_start` and `measure_stop` events around the measured window,
 then one `result` object (spans acknowledged with a 2xx per second, non-2xx counts, own CPU use).
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import uvloop
 from workload import BodyStream, build_pool, describe, load_pool
 
@@ -22,6 +24,9 @@ HEADER_END = b"\r\n\r\n"
 # Statuses that tell a client to back off: it pauses that connection briefly, as an SDK would.
 BACKOFF_STATUSES = frozenset((429, 502, 503, 504))
 BACKOFF_SECONDS = 0.01
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+# gRPC codes an OTLP client retries after a pause; reported under their names in `non_2xx`.
+GRPC_BACKOFF_CODES = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED))
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -32,7 +37,7 @@ def emit(event: str, **fields: Any) -> None:
 class Counters:
     requests_ok: int = 0
     spans_ok: int = 0
-    non_2xx: dict[int, int] = field(default_factory=dict)
+    non_2xx: dict[int | str, int] = field(default_factory=dict)
     spans_rejected: int = 0
     connection_errors: int = 0
     latencies: list[float] = field(default_factory=list)
@@ -114,14 +119,7 @@ class LoadGenerator:
                     writer.close()
                     writer = None
                     continue
-                if self.measuring:
-                    if 200 <= status < 300:
-                        counters.requests_ok += 1
-                        counters.spans_ok += spans
-                    else:
-                        counters.non_2xx[status] = counters.non_2xx.get(status, 0) + 1
-                        counters.spans_rejected += spans
-                    counters.latencies.append(time.perf_counter() - started)
+                self._record(200 <= status < 300, status, spans, started)
                 if not keep_alive:
                     writer.close()
                     writer = None
@@ -130,6 +128,19 @@ class LoadGenerator:
         finally:
             if writer is not None:
                 writer.close()
+
+    def _record(self, ok: bool, status: int | str, spans: int, started: float) -> None:
+        """Count one completed request if it finished inside the measured window."""
+        if not self.measuring:
+            return
+        counters = self.counters
+        if ok:
+            counters.requests_ok += 1
+            counters.spans_ok += spans
+        else:
+            counters.non_2xx[status] = counters.non_2xx.get(status, 0) + 1
+            counters.spans_rejected += spans
+        counters.latencies.append(time.perf_counter() - started)
 
     async def run_for(self, warmup: float, duration: float) -> dict[str, Any]:
         """Load for warm-up + duration seconds; count only responses completed in the window."""
@@ -183,7 +194,7 @@ class LoadGenerator:
             "requests_ok": counters.requests_ok,
             "spans_ok": counters.spans_ok,
             "spans_per_second": counters.spans_ok / wall if wall else 0.0,
-            "non_2xx": {str(k): v for k, v in sorted(counters.non_2xx.items())},
+            "non_2xx": {str(k): v for k, v in sorted(counters.non_2xx.items(), key=lambda kv: str(kv[0]))},
             "spans_rejected": counters.spans_rejected,
             "connection_errors": counters.connection_errors,
             "latency_ms_p50": round(quantile(0.5) * 1e3, 2),
@@ -193,9 +204,38 @@ class LoadGenerator:
         }
 
 
+class GRPCLoadGenerator(LoadGenerator):
+    """The same load over OTLP/gRPC: one channel (one HTTP/2 connection) per connection slot."""
+
+    async def _connection(self) -> None:
+        channel = grpc.aio.insecure_channel(
+            f"{self.host}:{self.port}", options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        export = channel.unary_unary(EXPORT_METHOD)
+        try:
+            while not self.stopping:
+                if self.max_spans is not None and self.spans_sent >= self.max_spans:
+                    return
+                body, spans = self.stream.next_body()
+                self.spans_sent += spans
+                started = time.perf_counter()
+                try:
+                    await export(body, timeout=30)
+                except grpc.aio.AioRpcError as error:
+                    code = error.code()
+                    self._record(False, code.name, spans, started)
+                    if code in GRPC_BACKOFF_CODES:
+                        await asyncio.sleep(BACKOFF_SECONDS)
+                    continue
+                self._record(True, 0, spans, started)
+        finally:
+            await channel.close()
+
+
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     pool = load_pool(args.pool) if args.pool else build_pool(seed=args.seed)
-    generator = LoadGenerator(BodyStream(pool), args.host, args.port, args.path, args.connections)
+    kind = GRPCLoadGenerator if args.protocol == "grpc" else LoadGenerator
+    generator = kind(BodyStream(pool), args.host, args.port, args.path, args.connections)
     if args.spans:
         result = await generator.run_count(args.spans, args.timeout)
     else:
@@ -209,7 +249,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--path", default="/v1/traces")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--path", default="/v1/traces", help="the OTLP/HTTP path")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0)

@@ -2,12 +2,14 @@
 
 It is the least work any tail sampler on this stack must do, so gateway/probe isolates the pipeline's
 own cost. `--mode empty` only reads the body: the ceiling of the server stack and the load generator.
+`--mode grpc-empty` answers OTLP/gRPC Export calls without reading them: the ceiling of grpc.aio.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import grpc
 import uvloop
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -63,6 +65,24 @@ async def handle_empty(request: web.Request) -> web.Response:
     return web.Response(body=RESPONSE_BODY, content_type=PROTOBUF)
 
 
+async def _empty_export(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return RESPONSE_BODY
+
+
+async def serve_grpc_empty(host: str, port: int, ready_port: int) -> None:
+    """Answer Export calls on `port` with an empty reply; /readyz over HTTP on `ready_port`."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    handler = grpc.unary_unary_rpc_method_handler(_empty_export)
+    service = "opentelemetry.proto.collector.trace.v1.TraceService"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {"Export": handler}),))
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    try:
+        await serve_app(web.Application(), host, ready_port)
+    finally:
+        await server.stop(0)
+
+
 async def serve(host: str, port: int, mode: str, max_traces: int) -> None:
     app = web.Application(client_max_size=MAX_REQUEST_BYTES)
     if mode == "group":
@@ -76,10 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=4318)
-    parser.add_argument("--mode", choices=("group", "empty"), default="group")
+    parser.add_argument("--mode", choices=("group", "empty", "grpc-empty"), default="group")
+    parser.add_argument("--ready-port", type=int, help="/readyz port in grpc-empty mode")
     parser.add_argument("--max-traces", type=int, default=2048, help="traces held before the groups reset")
     args = parser.parse_args()
-    uvloop.run(serve(args.host, args.port, args.mode, args.max_traces))
+    if args.mode == "grpc-empty":
+        uvloop.run(serve_grpc_empty(args.host, args.port, args.ready_port))
+    else:
+        uvloop.run(serve(args.host, args.port, args.mode, args.max_traces))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ PIPELINE_CONFIG = """\
 receivers:
   otlp:
     http: {{endpoint: "{host}:{port}", max_request_bytes: 16777216}}
+    grpc: {{endpoint: "{host}:{grpc_port}", max_request_bytes: 16777216}}
 admin: {{endpoint: "{host}:{admin_port}"}}
 tail_sampling:
   decision_wait: {decision_wait}
@@ -311,7 +312,7 @@ class Bench:
             assert process.stdout is not None
             process.stdout.close()
 
-    def throughput(self, port: int, server: Child) -> dict[str, Any]:
+    def throughput(self, port: int, server: Child, protocol: str = "http") -> dict[str, Any]:
         """Timed load; the server's CPU is sampled at the load generator's window edges."""
         cpu: dict[str, float] = {}
 
@@ -321,7 +322,7 @@ class Bench:
         args = self.args
         result = self.loadgen(
             port,
-            ["--duration", str(args.duration), "--warmup", str(args.warmup)],
+            ["--duration", str(args.duration), "--warmup", str(args.warmup), "--protocol", protocol],
             deadline=args.duration + args.warmup + 30,
             on_event=on_event,
         )
@@ -333,28 +334,37 @@ class Bench:
 
     def run_probe(self, mode: str) -> dict[str, Any]:
         port = free_port()
-        name = "empty" if mode == "empty" else "probe"
-        self.log(f"-- {name}: aiohttp+uvloop server, {self.args.duration:.0f}s of load")
+        name = "probe" if mode == "group" else mode
+        self.log(f"-- {name}: {self.args.duration:.0f}s of load")
         argv = [self.python, str(BENCH_DIR / "probe.py"), "--port", str(port), "--mode", mode]
-        server = self.start(name, argv, port, "/readyz")
+        ready_port = port
+        if mode == "grpc-empty":
+            ready_port = free_port()
+            argv += ["--ready-port", str(ready_port)]
+        server = self.start(name, argv, ready_port, "/readyz")
         try:
-            return self.throughput(port, server)
+            return self.throughput(port, server, "grpc" if mode == "grpc-empty" else "http")
         finally:
             self.stop(server)
 
-    def gateway_config(self, name: str, downstream_port: int, **tail: Any) -> tuple[Path, int, int]:
-        port, admin_port = free_port(), free_port()
+    def gateway_config(
+        self, name: str, downstream_port: int, **tail: Any
+    ) -> tuple[Path, dict[str, int], int]:
+        """The config file, the receiver port per protocol ("http", "grpc") and the admin port."""
+        ports = {"http": free_port(), "grpc": free_port()}
+        admin_port = free_port()
         path = self.tmp / f"{name}.yaml"
         path.write_text(
             PIPELINE_CONFIG.format(
                 host=HOST,
-                port=port,
+                port=ports["http"],
+                grpc_port=ports["grpc"],
                 admin_port=admin_port,
                 downstream_port=downstream_port,
                 **tail,
             )
         )
-        return path, port, admin_port
+        return path, ports, admin_port
 
     def start_gateway(self, name: str, config: Path, admin_port: int) -> Child:
         check = subprocess.run(
@@ -376,10 +386,10 @@ class Bench:
             raise BenchError(f"GET /metrics answered {status}")
         return body.decode()
 
-    def run_gateway(self, downstream_port: int) -> dict[str, Any]:
-        self.log(f"-- gateway: full pipeline, {self.args.duration:.0f}s of load")
+    def run_gateway(self, downstream_port: int, protocol: str = "http") -> dict[str, Any]:
+        self.log(f"-- gateway over OTLP/{protocol}: full pipeline, {self.args.duration:.0f}s of load")
         decision_wait = 2.0
-        config, port, admin_port = self.gateway_config(
+        config, ports, admin_port = self.gateway_config(
             "gateway",
             downstream_port,
             decision_wait="2s",
@@ -389,7 +399,7 @@ class Bench:
         )
         gateway = self.start_gateway("gateway", config, admin_port)
         try:
-            result = self.throughput(port, gateway)
+            result = self.throughput(ports[protocol], gateway, protocol)
             # Let the last traces reach their deadline and leave, so export counts are complete.
             cpu_before_drain = cpu_seconds(gateway.pid)
             drain_deadline = time.monotonic() + decision_wait + 8.0
@@ -404,7 +414,7 @@ class Bench:
             result["drain_cpu_seconds"] = round(cpu_seconds(gateway.pid) - cpu_before_drain, 3)
             result["buffered_spans_after_drain"] = buffered
             result["accepted_spans"] = metric_value(
-                text, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="accepted"
+                text, "tailgate_receiver_spans_total", protocol=f"otlp_{protocol}", outcome="accepted"
             )
             result["exported_spans"] = metric_value(text, "tailgate_exporter_sent_spans_total")
             status, body = http_get(downstream_port, "/stats?reset=1", timeout=30.0)
@@ -416,7 +426,7 @@ class Bench:
     def run_memory(self, downstream_port: int) -> dict[str, Any]:
         spans = self.args.memory_spans
         self.log(f"-- memory: gateway holding {spans:,} spans undecided")
-        config, port, admin_port = self.gateway_config(
+        config, ports, admin_port = self.gateway_config(
             "memory",
             downstream_port,
             decision_wait="300s",
@@ -426,6 +436,7 @@ class Bench:
         )
         gateway = self.start_gateway("memory", config, admin_port)
         try:
+            port = ports["http"]
             self.loadgen(port, ["--spans", str(WARMUP_SPANS)], deadline=60)
             before = self.settled(gateway, admin_port)
             cpu_before = cpu_seconds(gateway.pid)
@@ -497,6 +508,8 @@ class Bench:
         }
         if not args.skip_empty:
             report["empty"] = self.run_probe("empty")
+            if not args.skip_grpc:
+                report["empty_grpc"] = self.run_probe("grpc-empty")
         if args.skip_gateway:
             report["probe"] = self.run_probe("group")
             report["gateway_skipped"] = "--skip-gateway"
@@ -509,25 +522,43 @@ class Bench:
             try:
                 # Probe and gateway alternate, so that a burst of noise on this shared machine hits one
                 # round, not one side; the round with the median ratio is reported.
-                rounds = []
+                rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]] = []
+                grpc_rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]] = []
                 for _ in range(args.rounds):
                     probe = self.run_probe("group")
-                    gateway = self.run_gateway(downstream_port)
-                    ratio = {
-                        "spans_per_second": gateway["spans_per_second"] / probe["spans_per_second"],
-                        "spans_per_cpu_second": gateway["spans_per_cpu_second"]
-                        / probe["spans_per_cpu_second"],
-                    }
-                    rounds.append((ratio["spans_per_cpu_second"], probe, gateway, ratio))
-                rounds.sort(key=lambda item: item[0])
-                _, report["probe"], report["gateway"], report["ratio"] = rounds[len(rounds) // 2]
-                report["ratio_rounds"] = [round(item[0], 3) for item in rounds]
+                    rounds.append(_versus(probe, self.run_gateway(downstream_port)))
+                    if not args.skip_grpc:
+                        grpc_rounds.append(_versus(probe, self.run_gateway(downstream_port, "grpc")))
+                _, report["probe"], report["gateway"], report["ratio"] = _median(rounds)
+                report["ratio_rounds"] = sorted(round(item[0], 3) for item in rounds)
+                if grpc_rounds:
+                    _, report["probe_grpc_round"], report["gateway_grpc"], report["ratio_grpc"] = _median(
+                        grpc_rounds
+                    )
+                    report["ratio_grpc_rounds"] = sorted(round(item[0], 3) for item in grpc_rounds)
                 if not args.skip_memory:
                     report["memory"] = self.run_memory(downstream_port)
             finally:
                 self.stop(downstream)
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
         return report
+
+
+def _versus(
+    probe: dict[str, Any], gateway: dict[str, Any]
+) -> tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]:
+    """One round: the gateway's rates as ratios to the probe measured just before it."""
+    ratio = {
+        "spans_per_second": gateway["spans_per_second"] / probe["spans_per_second"],
+        "spans_per_cpu_second": gateway["spans_per_cpu_second"] / probe["spans_per_cpu_second"],
+    }
+    return ratio["spans_per_cpu_second"], probe, gateway, ratio
+
+
+def _median(
+    rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]],
+) -> tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]:
+    return sorted(rounds, key=lambda item: item[0])[len(rounds) // 2]
 
 
 def _fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -555,8 +586,10 @@ def print_table(report: dict[str, Any]) -> None:
     print("-" * len(header))
     rows = (
         ("empty", "empty handler (ceiling)"),
+        ("empty_grpc", "gRPC empty handler"),
         ("probe", "limit probe"),
         ("gateway", "gateway (full pipeline)"),
+        ("gateway_grpc", "gateway over OTLP/gRPC"),
     )
     memory = report.get("memory")
     runs = [(label, report.get(key)) for key, label in rows]
@@ -570,16 +603,20 @@ def print_table(report: dict[str, Any]) -> None:
             f"{run['server_cpu_utilization']:>12.0%}{run['loadgen_cpu_utilization']:>13.0%}"
             f"{run['latency_ms_p99']:>9.1f}{sum(run['non_2xx'].values()):>9}"
         )
-    ratio = report.get("ratio")
-    if ratio:
-        print(
-            f"{'gateway / probe':<26}{ratio['spans_per_second']:>15.2f}x"
-            f"{ratio['spans_per_cpu_second']:>13.2f}x   (goal ≥ {RATIO_GOAL}x)"
-        )
-        rounds = report.get("ratio_rounds", [])
-        if len(rounds) > 1:
-            listed = ", ".join(f"{value:.2f}" for value in rounds)
-            print(f"  spans/CPU-s ratio by round (sorted): {listed}; the median round is shown above")
+    for key, label, note in (
+        ("ratio", "gateway / probe", f"goal ≥ {RATIO_GOAL}x"),
+        ("ratio_grpc", "gateway over gRPC / probe", "same HTTP probe, same rounds"),
+    ):
+        ratio = report.get(key)
+        if ratio:
+            print(
+                f"{label:<26}{ratio['spans_per_second']:>15.2f}x"
+                f"{ratio['spans_per_cpu_second']:>13.2f}x   ({note})"
+            )
+            rounds = report.get(f"{key}_rounds", [])
+            if len(rounds) > 1:
+                listed = ", ".join(f"{value:.2f}" for value in rounds)
+                print(f"  spans/CPU-s ratio by round (sorted): {listed}; the median round is shown above")
     empty = report.get("empty")
     if empty and empty["loadgen_cpu_utilization"] > 0.9:
         print("note: the load generator is saturated against the empty handler; that row is its ceiling")
@@ -626,6 +663,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="probe/gateway rounds; the median is shown")
     parser.add_argument("--skip-empty", action="store_true", help="no empty-handler ceiling run")
     parser.add_argument("--skip-gateway", action="store_true")
+    parser.add_argument("--skip-grpc", action="store_true", help="no OTLP/gRPC runs")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
