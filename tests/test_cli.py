@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GRPCSpanExporter
 
 from tests.conftest import ROOT, TAILGATE, Downstream, free_port, gateway_config, wait_for
 from tests.otlp_data import send_sdk_traces
@@ -62,12 +63,12 @@ async def test_sigterm_decides_and_flushes_buffered_traces(tmp_path: Path, downs
 
 
 async def test_make_run_starts_and_writes_the_file_sink(tmp_path: Path) -> None:
-    http_port, admin_port = free_port(), free_port()
+    http_port, grpc_port, admin_port = free_port(), free_port(), free_port()
     sink = tmp_path / "traces.jsonl"
     env = {
         **os.environ,
         "TAILGATE_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{http_port}",
-        "TAILGATE_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{free_port()}",
+        "TAILGATE_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}",
         "TAILGATE_ZIPKIN_ENDPOINT": f"127.0.0.1:{free_port()}",
         "TAILGATE_ADMIN_ENDPOINT": f"127.0.0.1:{admin_port}",
         "TAILGATE_FILE_PATH": str(sink),
@@ -78,9 +79,17 @@ async def test_make_run_starts_and_writes_the_file_sink(tmp_path: Path) -> None:
         traces = await asyncio.to_thread(
             send_sdk_traces, f"http://127.0.0.1:{http_port}/v1/traces", ["error"]
         )
-        (trace_id,) = traces
-        # The shipped config decides 2 s after the root span; the error policy keeps it.
-        await wait_for(lambda: sink.exists() and trace_id.hex() in sink.read_text(), timeout=15)
+        # The shipped config also listens for OTLP/gRPC.
+        traces.update(
+            await asyncio.to_thread(
+                send_sdk_traces, f"http://127.0.0.1:{grpc_port}", ["error"], GRPCSpanExporter
+            )
+        )
+        # The shipped config decides 2 s after the root span; the error policy keeps both.
+        await wait_for(
+            lambda: sink.exists() and all(trace_id.hex() in sink.read_text() for trace_id in traces),
+            timeout=15,
+        )
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         await asyncio.to_thread(process.wait, 30)
@@ -92,8 +101,8 @@ async def test_make_run_starts_and_writes_the_file_sink(tmp_path: Path) -> None:
         for scope_spans in resource_spans["scopeSpans"]
         for span in scope_spans["spans"]
     ]
-    assert {span["traceId"] for span in spans} == {trace_id.hex()}
-    assert len(spans) == 4
+    assert {span["traceId"] for span in spans} == {trace_id.hex() for trace_id in traces}
+    assert len(spans) == 8
 
 
 def test_port_in_use_is_a_clear_start_error(tmp_path: Path, downstream: Downstream) -> None:
