@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from pydantic import BaseModel, ConfigDict
 
 # Attribute values as policies see them: OTLP AnyValue scalars mapped to Python.
@@ -25,6 +28,14 @@ class Decision(enum.Enum):
     INVERT_SAMPLED = "invert_sampled"
     INVERT_NOT_SAMPLED = "invert_not_sampled"
     DROPPED = "dropped"
+
+
+class SpanRecord(NamedTuple):
+    """One span of a trace parsed in full, with the resource and instrumentation scope it came under."""
+
+    resource: Resource
+    scope: InstrumentationScope
+    span: Span
 
 
 class TraceView(Protocol):
@@ -53,6 +64,19 @@ class TraceView(Protocol):
 
     @property
     def root_seen(self) -> bool: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Serialized size of the trace's spans (protobuf, as received)."""
+        ...
+
+    def spans(self) -> Sequence[SpanRecord]:
+        """Every span of the trace parsed in full (spans that are not valid OTLP are left out).
+
+        Parsing costs far more than reading the summary: policies that need span details (names,
+        kinds, trace state, per-span conditions) call it; the result is cached for the decision.
+        """
+        ...
 
     def attribute_values(self, key: str) -> Sequence[AttributeValue]:
         """Values of `key` on any span or resource of the trace.
@@ -83,6 +107,20 @@ class Policy(Protocol):
 
     def evaluate(self, trace: TraceView, now: float) -> Decision:
         """Decide one trace; `now` is the decider's clock in seconds (monotonic)."""
+        ...
+
+
+@runtime_checkable
+class Weighted(Protocol):
+    """A policy whose keeps are a sample: it tells with what probability it keeps a trace like this one.
+
+    The decider asks the policy that kept a trace, once, right after the decision; the answer becomes the
+    trace's adjusted count (`tailgate.sample_rate` = 1/p, and the tracestate `ot=th:` threshold).
+    Policies without this method keep with probability 1.
+    """
+
+    def keep_probability(self, trace: TraceView) -> float:
+        """In (0, 1]: the probability with which this policy keeps traces like `trace`."""
         ...
 
 

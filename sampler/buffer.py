@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from policies.base import STATUS_UNSET, AttributeValue
+from policies.base import STATUS_UNSET, AttributeValue, SpanRecord
 from sampler.config import TailSamplingConfig
 from sampler.otlp_wire import (
     Scope,
@@ -47,6 +47,7 @@ class Trace:
         "_coded_spans",
         "_codes",
         "_min_start",
+        "_parsed",
         "attributes",
         "deadline",
         "items",
@@ -72,6 +73,7 @@ class Trace:
         self.max_end_ns = 0
         self.root_seen = False
         self.attributes: dict[str, list[AttributeValue]] | None = None
+        self._parsed: list[SpanRecord] | None = None
 
     @property
     def status_codes(self) -> int:
@@ -87,6 +89,13 @@ class Trace:
         """Drop the span bytes once decided: stale queue entries may keep the object a while."""
         self.items = []
         self.attributes = None
+        self._parsed = None
+
+    def spans(self) -> list[SpanRecord]:
+        """Every valid span parsed in full, with its resource and scope; parsed once per trace."""
+        if self._parsed is None:
+            self._parsed = _parse_items(self.items)
+        return self._parsed
 
     def attribute_values(self, key: str) -> Sequence[AttributeValue]:
         if self.attributes is None:
@@ -135,12 +144,40 @@ class Trace:
         return groups, invalid
 
 
-def _is_valid_framed(framed: bytes) -> bool:
+def _parse_items(items: list[bytes | Scope]) -> list[SpanRecord]:
+    records: list[SpanRecord] = []
+    headers: dict[Scope, tuple[Resource, InstrumentationScope]] = {}
+    for index in range(0, len(items), 2):
+        scope, run = items[index], items[index + 1]
+        assert isinstance(scope, Scope) and isinstance(run, bytes)
+        header = headers.get(scope)
+        if header is None:
+            # Checked when the scope was interned, so these parse.
+            header = headers[scope] = (
+                ResourceSpans.FromString(scope.resource).resource,
+                ScopeSpans.FromString(scope.scope).scope,
+            )
+        resource, instrumentation = header
+        try:
+            spans: Sequence[Span] = ScopeSpans.FromString(run).spans
+        except DecodeError:
+            parsed = (_parse_framed(framed) for framed in split_framed(run))
+            spans = [span for span in parsed if span is not None]
+        records.extend(SpanRecord(resource, instrumentation, span) for span in spans)
+    return records
+
+
+def _parse_framed(framed: bytes) -> Span | None:
     try:
         (span,) = ScopeSpans.FromString(framed).spans
     except DecodeError:
-        return False
-    return _valid_links(span)
+        return None
+    return span
+
+
+def _is_valid_framed(framed: bytes) -> bool:
+    span = _parse_framed(framed)
+    return span is not None and _valid_links(span)
 
 
 def _valid_links(span: Span) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from policies.base import AttributeValue, Policy
+from policies.base import AttributeValue, Policy, SpanRecord
 from policies.registry import build_policies
 
 
@@ -23,9 +23,14 @@ class FakeTrace:
     max_end_ns: int = 0
     root_seen: bool = True
     attributes: Mapping[str, Sequence[AttributeValue]] = field(default_factory=dict)
+    nbytes: int = 0
+    records: Sequence[SpanRecord] = ()
 
     def attribute_values(self, key: str) -> Sequence[AttributeValue]:
         return self.attributes.get(key, ())
+
+    def spans(self) -> Sequence[SpanRecord]:
+        return self.records
 
 
 @pytest.fixture
