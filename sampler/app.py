@@ -44,6 +44,8 @@ class Gateway:
             time.monotonic,
             sampling.decision_tick,
             sampling.record_policy,
+            sampling.sample_on_first_match,
+            sampling.drop_pending_traces_on_shutdown,
         )
         self.buffer.connect(self.decider.decide_safely, self.decider.forward_late)
         self.metrics.watch_buffer(

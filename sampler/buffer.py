@@ -326,6 +326,7 @@ class TraceBuffer:
         now = self.clock()
         get_trace = self.traces.get
         max_spans = self.settings.max_spans_per_trace
+        max_bytes = self.settings.maximum_trace_size_bytes
         needles = self._needles
         keys = self._attribute_keys
         spans_before = self.span_count
@@ -395,6 +396,11 @@ class TraceBuffer:
                 trace.items += (scope, framed)
                 trace.nbytes += len(framed)
                 added_bytes += len(framed)
+                if max_bytes and trace.nbytes > max_bytes and self.traces.get(trace.trace_id) is trace:
+                    early_spans += trace.span_count
+                    added_bytes -= trace.nbytes
+                    del self.traces[trace.trace_id]
+                    self.decide_now([trace], "maximum_trace_size_bytes")
         accepted = total - result.rejected
         result.accepted = accepted
         self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans

@@ -35,13 +35,18 @@ def _load(path: str) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = _load(args.config)
+    unsupported = config.tail_sampling.unsupported_options()
     if args.command == "check-config":
+        for note in unsupported:
+            print(f"{args.config}: {note}")
         print(f"{args.config}: ok")
         return 0
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for note in unsupported:
+        logging.getLogger("sampler.config").warning("%s", note)
     import uvloop
 
     from sampler.app import Gateway

@@ -137,8 +137,33 @@ class TailSamplingConfig(Model):
     decision_tick: PositiveSeconds = 0.05
     record_policy: bool = True
     decision_cache: DecisionCacheConfig = DecisionCacheConfig()
+    # As the Collector: stop evaluating at the first policy that samples (drop policies still go first).
+    sample_on_first_match: bool = False
+    # As the Collector: at shutdown, drop buffered traces instead of deciding them.
+    drop_pending_traces_on_shutdown: bool = False
+    # As the Collector: a trace whose spans exceed this many serialized bytes is dropped at once, and its
+    # later spans with it; 0 = no limit.
+    maximum_trace_size_bytes: CacheSize = 0
+    # Collector options tailgate accepts without acting on them; `unsupported_options` says why.
+    expected_new_traces_per_sec: CacheSize = 0
+    block_on_overflow: bool = False
     # Validated by the policy registry, which knows each type's parameters.
     policies: list[dict[str, Any]] = Field(default_factory=list)
+
+    def unsupported_options(self) -> list[str]:
+        """Collector options set in this block that tailgate accepts but does not act on, with why."""
+        notes: list[str] = []
+        if "expected_new_traces_per_sec" in self.model_fields_set:
+            notes.append(
+                "tail_sampling.expected_new_traces_per_sec: ignored (a sizing hint; tailgate's tables grow "
+                "as needed)"
+            )
+        if self.block_on_overflow:
+            notes.append(
+                "tail_sampling.block_on_overflow: ignored (tailgate never evicts a trace undecided: over "
+                "num_traces the oldest traces are decided early)"
+            )
+        return notes
 
 
 class RetryConfig(Model):

@@ -39,6 +39,8 @@ class Decider:
         clock: Callable[[], float],
         tick: float,
         record_policy: bool,
+        sample_on_first_match: bool = False,
+        drop_pending_on_shutdown: bool = False,
     ) -> None:
         self.buffer = buffer
         self.policies = list(policies)
@@ -50,6 +52,12 @@ class Decider:
         self.record_policy = record_policy
         self._policy_scopes: dict[tuple[Scope, str], Scope] = {}
         self._evaluators = [policy.evaluate for policy in self.policies]
+        # As the Collector: drop policies are evaluated first, and a drop ends the evaluation.
+        self._drop_first = [i for i, policy in enumerate(self.policies) if _is_drop(policy)]
+        self._others = [i for i in range(len(self.policies)) if i not in self._drop_first]
+        self._sample_on_first_match = sample_on_first_match
+        self._in_order = bool(self._drop_first) or sample_on_first_match
+        self.drop_pending_on_shutdown = drop_pending_on_shutdown
         self._kept_traces = metrics.traces_decided.labels("kept")
         self._dropped_traces = metrics.traces_decided.labels("dropped")
         self._kept_spans = metrics.spans_decided.labels("kept")
@@ -71,9 +79,16 @@ class Decider:
         kept_traces = 0
         dropped_spans = 0
         invalid_spans = 0
+        in_order = self._in_order
+        unevaluated = reason in _UNEVALUATED
         for trace in traces:
             try:
-                verdicts: list[Decision | None] = [evaluate(trace, now) for evaluate in evaluators]
+                if unevaluated:
+                    verdicts: list[Decision | None] = [None] * len(evaluators)
+                elif in_order:
+                    verdicts = self._evaluate_in_order(trace, now)
+                else:
+                    verdicts = [evaluate(trace, now) for evaluate in evaluators]
             except Exception:
                 verdicts = self._evaluate_guarded(trace, now)
             verdict_rows.append(verdicts)
@@ -105,10 +120,26 @@ class Decider:
             self.count_invalid(invalid_spans)
         self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_rows)
 
+    def _evaluate_in_order(self, trace: Trace, now: float) -> list[Decision | None]:
+        """Drop policies first (a drop ends it), then the others in order; with sample_on_first_match the
+        first that samples ends it. Policies not evaluated get None."""
+        verdicts: list[Decision | None] = [None] * len(self._evaluators)
+        for index in self._drop_first:
+            verdict = verdicts[index] = self._evaluators[index](trace, now)
+            if verdict is Decision.DROPPED:
+                return verdicts
+        first_match = self._sample_on_first_match
+        for index in self._others:
+            verdict = verdicts[index] = self._evaluators[index](trace, now)
+            if first_match and verdict is Decision.SAMPLED:
+                break
+        return verdicts
+
     def _evaluate_guarded(self, trace: Trace, now: float) -> list[Decision | None]:
         """Evaluate policy by policy; a failing one (a faulty plugin, say) gets None and is logged.
 
-        As in the OTel Collector, a policy error does not stop the other policies.
+        As in the OTel Collector, a policy error does not stop the other policies. Only reached when an
+        evaluation raised, so the policies evaluated before the failure are evaluated again.
         """
         verdicts: list[Decision | None] = []
         for policy in self.policies:
@@ -116,6 +147,7 @@ class Decider:
                 verdicts.append(policy.evaluate(trace, now))
             except Exception:
                 log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
+                self.metrics.policy_decisions.labels(policy.name, "error").inc()
                 verdicts.append(None)
         return verdicts
 
@@ -137,10 +169,13 @@ class Decider:
             self._dropped_spans.inc(dropped_spans)
         if reason is not None and decided:
             self.metrics.early_decisions.labels(reason).inc(decided)
+        if reason in _UNEVALUATED:
+            return
         for policy, column in zip(self.policies, zip(*verdict_rows, strict=True), strict=False):
             for verdict, count in Counter(column).items():
-                label = "error" if verdict is None else verdict.value
-                self.metrics.policy_decisions.labels(policy.name, label).inc(count)
+                # None: not evaluated (a drop or a first match ended it), or raised (counted then).
+                if verdict is not None:
+                    self.metrics.policy_decisions.labels(policy.name, verdict.value).inc(count)
 
     def _mark(self, policy_name: str, groups: list[SpanGroup]) -> list[SpanGroup]:
         return [(self._policy_scope(scope, policy_name), entries, count) for scope, entries, count in groups]
@@ -210,6 +245,10 @@ class Decider:
                 await self._task
             self._task = None
         remaining = self.buffer.pop_all()
+        if self.drop_pending_on_shutdown:
+            log.info("dropping %d buffered traces (drop_pending_traces_on_shutdown)", len(remaining))
+            self.decide_safely(remaining, "shutdown_dropped")
+            return
         # Half the smallest queue per chunk, so that deciding the next overlaps sending the last.
         capacity = min((exporter.capacity for exporter in self.exporters), default=0)
         for chunk in _chunks(remaining, _DECIDE_SLICE, capacity // 2):
@@ -220,6 +259,14 @@ class Decider:
             except TimeoutError:
                 pass  # out of time: decide anyway; what exporters refuse is counted as dropped
             self.decide_safely(chunk, "shutdown")
+
+
+# Early-decision reasons that drop a trace without evaluating the policies.
+_UNEVALUATED = frozenset({"maximum_trace_size_bytes", "shutdown_dropped"})
+
+
+def _is_drop(policy: Policy) -> bool:
+    return getattr(policy, "type_name", None) == "drop"
 
 
 def _chunks(traces: list[Trace], max_traces: int, max_spans: int) -> list[list[Trace]]:
