@@ -6,8 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from policies.base import Decision, ParamsModel, Policy, SubPolicyBuilder, TraceView
-from sampler.errors import ConfigError
+from policies.base import Decision, ParamsModel, SubPolicyBuilder, TraceView, build_sub_policies
 
 _PASSING = frozenset({Decision.SAMPLED, Decision.INVERT_SAMPLED})
 
@@ -30,17 +29,9 @@ class And:
 
     def __init__(self, name: str, params: AndParams, build_sub: SubPolicyBuilder) -> None:
         self.name = name
-        subs: list[Policy] = []
-        problems: list[str] = []
-        # Build every sub-policy before failing, so one error report lists all of their problems.
-        for index, spec in enumerate(params.and_sub_policy):
-            try:
-                subs.append(build_sub(spec, f"and_sub_policy[{index}]"))
-            except ConfigError as error:
-                problems.append(str(error))
-        if problems:
-            raise ConfigError("\n".join(problems))
-        self.sub_policies = tuple(subs)
+        # Every sub-policy is built before failing, so one error report lists all of their problems.
+        self.sub_policies = build_sub_policies(params.and_sub_policy, "and_sub_policy", build_sub)
+        subs = self.sub_policies
         self.attribute_keys = frozenset().union(*(sub.attribute_keys for sub in subs))
 
     def evaluate(self, trace: TraceView, now: float) -> Decision:

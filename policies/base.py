@@ -11,6 +11,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from pydantic import BaseModel, ConfigDict
 
+from sampler.errors import ConfigError
+
 # Attribute values as policies see them: OTLP AnyValue scalars mapped to Python.
 AttributeValue = str | bool | int | float
 
@@ -139,3 +141,17 @@ class PolicyType(Protocol):
     def Params(self) -> type[ParamsModel]: ...
 
     def __call__(self, name: str, params: Any, build_sub: SubPolicyBuilder) -> Policy: ...
+
+
+def build_sub_policies(specs: list[Any], key: str, build_sub: SubPolicyBuilder) -> tuple[Policy, ...]:
+    """Build the sub-policies listed under `key`; the ConfigError lists the problems of all of them."""
+    subs: list[Policy] = []
+    problems: list[str] = []
+    for index, spec in enumerate(specs):
+        try:
+            subs.append(build_sub(spec, f"{key}[{index}]"))
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return tuple(subs)

@@ -15,12 +15,23 @@ from pydantic import BaseModel, ValidationError
 from policies.always_sample import AlwaysSample
 from policies.and_policy import And
 from policies.base import ParamsModel, Policy, PolicyType, SubPolicyBuilder
+from policies.boolean_attribute import BooleanAttribute
+from policies.bytes_limiting import BytesLimiting
+from policies.composite import Composite
+from policies.drop_policy import Drop
+from policies.dynamic import Dynamic, EMADynamic, Throughput
 from policies.latency import Latency
+from policies.not_policy import Not
 from policies.numeric_attribute import NumericAttribute
+from policies.ottl_condition import OttlCondition
 from policies.probabilistic import Probabilistic
 from policies.rate_limiting import RateLimiting
+from policies.rules import Rules
+from policies.span_count import SpanCount
 from policies.status_code import StatusCode
 from policies.string_attribute import StringAttribute
+from policies.trace_flags import TraceFlags
+from policies.trace_state import TraceState
 from sampler.errors import ConfigError, validation_message
 
 log = logging.getLogger(__name__)
@@ -30,12 +41,25 @@ ENTRY_POINT_GROUP = "tailgate.policies"
 _BUILTINS: tuple[PolicyType, ...] = (
     AlwaysSample,
     And,
+    BooleanAttribute,
+    BytesLimiting,
+    Composite,
+    Drop,
+    Dynamic,
+    EMADynamic,
     Latency,
+    Not,
     NumericAttribute,
+    OttlCondition,
     Probabilistic,
     RateLimiting,
+    Rules,
+    SpanCount,
     StatusCode,
     StringAttribute,
+    Throughput,
+    TraceFlags,
+    TraceState,
 )
 POLICY_TYPES: dict[str, PolicyType] = {kind.type_name: kind for kind in _BUILTINS}
 

@@ -7,6 +7,7 @@ import pytest
 from policies.base import STATUS_ERROR, Decision
 from policies.registry import build_policies
 from sampler.errors import ConfigError
+from tests.policies.test_policy_registry import KNOWN
 
 MS = 1_000_000
 
@@ -91,8 +92,7 @@ def test_nested_sub_policy_errors_name_the_full_path() -> None:
         f"{prefix}[0].name: required",
         f"{prefix}[1].latency.threshold_ms: Input should be greater than or equal to 0",
         f"{prefix}[2].name: duplicate policy name 'x' (also {prefix}[1])",
-        f"{prefix}[2].type: unknown policy type 'latencyy' (known: always_sample, and, latency, "
-        "numeric_attribute, probabilistic, rate_limiting, status_code, string_attribute)",
+        f"{prefix}[2].type: unknown policy type 'latencyy' (known: {KNOWN})",
         f"{prefix}[3]: must be a mapping with `name` and `type`",
     ]
 

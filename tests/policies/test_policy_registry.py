@@ -20,8 +20,9 @@ from sampler.config import parse_config
 from sampler.errors import ConfigError
 
 KNOWN = (
-    "always_sample, and, latency, numeric_attribute, probabilistic, rate_limiting, "
-    "status_code, string_attribute"
+    "always_sample, and, boolean_attribute, bytes_limiting, composite, drop, dynamic, ema_dynamic, "
+    "latency, not, numeric_attribute, ottl_condition, probabilistic, rate_limiting, rules, span_count, "
+    "status_code, string_attribute, throughput, trace_flags, trace_state"
 )
 
 
@@ -250,5 +251,5 @@ def test_broken_or_clashing_plugins_are_skipped_with_a_warning(
     assert type(latency).__module__ == "policies.latency"
     assert errors_of([{"name": "m", "type": "missing_class"}]) == [
         "tail_sampling.policies[0].type: unknown policy type 'missing_class' "
-        f"(known: {KNOWN.replace('always_sample, and, ', 'always_sample, and, example_keep_all, ')})"
+        f"(known: {', '.join(sorted([*KNOWN.split(', '), 'example_keep_all']))})"
     ]
