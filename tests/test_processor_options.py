@@ -105,3 +105,30 @@ def test_check_config_lists_collector_options_it_does_not_act_on(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "tail_sampling.expected_new_traces_per_sec: ignored" in result.stdout
     assert "tail_sampling.block_on_overflow: ignored" in result.stdout
+
+
+async def test_drop_policies_go_first_and_end_the_evaluation(
+    start_gateway: GatewayFactory, downstream: Downstream
+) -> None:
+    # Listed last, the drop policy still runs first: dropped traces never reach the rate limiter's bucket.
+    policies = [
+        {"name": "limited", "type": "rate_limiting", "rate_limiting": {"spans_per_second": 1000}},
+        {
+            "name": "no-errors",
+            "type": "drop",
+            "drop": {
+                "drop_sub_policy": [
+                    {"name": "error", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}
+                ]
+            },
+        },
+    ]
+    gateway = await start_gateway(gateway_config(downstream, policies=policies))
+    request = make_request(traces=10, spans_per_trace=2, error_every=2)  # traces 0, 2, 4, ... have errors
+    await send(receiver_url(gateway), request)
+    await wait_for(lambda: metric(gateway, "tailgate_traces_decided_total", decision="dropped") == 5)
+    await wait_for(lambda: metric(gateway, "tailgate_traces_decided_total", decision="kept") == 5)
+    assert verdicts(gateway, "no-errors", "dropped") == 5
+    assert verdicts(gateway, "limited", "sampled") == 5  # asked only about the traces not dropped
+    await wait_for(lambda: len(downstream.spans()) == 10)
+    assert all(span.status.code != 2 for _, _, span in downstream.spans())
