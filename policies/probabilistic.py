@@ -97,6 +97,10 @@ class Probabilistic:
         h = (h ^ b14) * p
         return ((h ^ b15) * p) & _MASK64
 
+    def keep_probability(self, trace: TraceView) -> float:
+        """`sampling_percentage` / 100, the same for every trace."""
+        return self.sampling_percentage / 100
+
     def evaluate(self, trace: TraceView, now: float) -> Decision:
         if self.hash_trace_id(trace.trace_id) <= self.threshold:
             return Decision.SAMPLED

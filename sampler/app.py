@@ -13,7 +13,7 @@ from sampler.admin import AdminServer
 from sampler.buffer import DecisionCache, TraceBuffer
 from sampler.config import Config
 from sampler.decider import Decider
-from sampler.exporters import build_exporters
+from sampler.exporters import Exporter, FileExporter, build_exporters
 from sampler.metrics import Metrics
 from sampler.receivers import build_receivers
 
@@ -46,6 +46,7 @@ class Gateway:
             sampling.record_policy,
             sampling.sample_on_first_match,
             sampling.drop_pending_traces_on_shutdown,
+            sampling.adjusted_counts,
         )
         self.buffer.connect(self.decider.decide_safely, self.decider.forward_late)
         self.metrics.watch_buffer(
@@ -53,13 +54,19 @@ class Gateway:
             lambda: self.buffer.span_count,
             lambda: self.buffer.byte_count,
         )
-        self.receivers = build_receivers(config, self.buffer, self.metrics, self.decider.count_late)
+        # Not one of the decider's exporters: it gets every received span, before sampling.
+        self.capture = (
+            None if config.capture is None else FileExporter("capture", config.capture, self.metrics)
+        )
+        self.receivers = build_receivers(
+            config, self.buffer, self.metrics, self.decider.count_late, self.capture
+        )
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         self.ready = False
 
     async def start(self) -> None:
         await self.admin.start()
-        for exporter in self.exporters:
+        for exporter in self._all_exporters():
             await exporter.start()
         self.decider.start()
         for receiver in self.receivers:
@@ -80,8 +87,12 @@ class Gateway:
         finally:
             # Together: each flushes for the whole time left, whatever the others do.
             remaining = max(0.0, deadline - time.monotonic())
-            await asyncio.gather(*(exporter.shutdown(remaining) for exporter in self.exporters))
+            await asyncio.gather(*(exporter.shutdown(remaining) for exporter in self._all_exporters()))
             await self.admin.stop()
+
+    def _all_exporters(self) -> list[Exporter]:
+        """The decider's exporters and the capture."""
+        return [*self.exporters, *([] if self.capture is None else [self.capture])]
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then shut down cleanly."""

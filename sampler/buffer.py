@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cachetools import LRUCache
 from google.protobuf.message import DecodeError
@@ -26,7 +26,6 @@ from sampler.otlp_wire import (
     SpanGroup,
     frame,
     frame_run,
-    span_prefix,
     split_framed,
 )
 
@@ -110,11 +109,12 @@ class Trace:
         if len(values) < _MAX_VALUES_PER_KEY and value not in values:
             values.append(value)
 
-    def span_groups(self) -> tuple[list[SpanGroup], int]:
+    def span_groups(self, rewrite: RewriteRun | None = None) -> tuple[list[SpanGroup], int]:
         """The trace's valid spans grouped by scope, and how many spans were left out as invalid.
 
         Spans are checked in full here, once their trace is kept: one that is not a valid OTLP Span is
-        left out so that it cannot spoil a batch downstream.
+        left out so that it cannot spoil a batch downstream. `rewrite`, when given, gets each group's
+        framed spans with the same spans parsed and returns the framed spans to export.
         """
         runs: dict[Scope, list[bytes]] = {}
         items = self.items
@@ -126,21 +126,23 @@ class Trace:
         invalid = 0
         for scope, chunks in runs.items():
             entries = b"".join(chunks)
+            spans: Sequence[Span]
             try:
                 spans = ScopeSpans.FromString(entries).spans
                 valid_links = all(_valid_links(span) for span in spans if span.links)
             except DecodeError:
                 valid_links = False
-            if valid_links:
-                count = len(spans)
-            else:
+            if not valid_links:
                 framed = split_framed(entries)
-                valid = [span for span in framed if _is_valid_framed(span)]
+                parsed = [(entry, _parse_framed(entry)) for entry in framed]
+                valid = [(entry, span) for entry, span in parsed if span is not None and _valid_links(span)]
                 invalid += len(framed) - len(valid)
-                entries = b"".join(valid)
-                count = len(valid)
-            if count:
-                groups.append((scope, entries, count))
+                entries = b"".join(entry for entry, _ in valid)
+                spans = [span for _, span in valid]
+            if spans:
+                if rewrite is not None:
+                    entries = rewrite(entries, spans)
+                groups.append((scope, entries, len(spans)))
         return groups, invalid
 
 
@@ -175,23 +177,19 @@ def _parse_framed(framed: bytes) -> Span | None:
     return span
 
 
-def _is_valid_framed(framed: bytes) -> bool:
-    span = _parse_framed(framed)
-    return span is not None and _valid_links(span)
-
-
 def _valid_links(span: Span) -> bool:
     # Ids of the wrong length parse as protobuf bytes but make an OTLP backend refuse the batch.
     return all(len(link.trace_id) == 16 and len(link.span_id) == 8 for link in span.links)
 
 
-def is_valid_span(payload: bytes) -> bool:
-    """Whether serialized bytes are a valid OTLP Span (the full check kept spans get)."""
+def parse_valid_span(payload: bytes) -> Span | None:
+    """The span parsed from serialized bytes when they are a valid OTLP Span (the full check kept spans
+    get), else None."""
     try:
         span = Span.FromString(payload)
     except DecodeError:
-        return False
-    return _valid_links(span)
+        return None
+    return span if _valid_links(span) else None
 
 
 class SpanFields(Protocol):
@@ -218,29 +216,57 @@ class SpanBatch:
     payloads: Sequence[bytes]  # each span's serialized bytes, in the order of `spans`
 
 
+class Kept(NamedTuple):
+    """How a kept trace was kept: the deciding policy's name and its keep probability (1 when it keeps
+    with certainty or adjusted counts are off)."""
+
+    policy: str
+    probability: float
+
+
+# Distinct Kept values shared by the decision cache; the table starts over when it reaches this size.
+_MAX_INTERNED_KEPT = 10_000
+
+
 class DecisionCache:
-    """Remembers decided trace ids (kept: the policy that kept them; dropped) for late spans."""
+    """Remembers decided trace ids (kept: how they were kept; dropped) for late spans."""
 
     def __init__(self, sampled_size: int, non_sampled_size: int) -> None:
-        self.kept: LRUCache[bytes, str] | None = LRUCache(sampled_size) if sampled_size else None
+        self.kept: LRUCache[bytes, Kept] | None = LRUCache(sampled_size) if sampled_size else None
         self.dropped: LRUCache[bytes, bool] | None = LRUCache(non_sampled_size) if non_sampled_size else None
+        # Most kept traces share a handful of (policy, probability) pairs: one object each.
+        self._interned: dict[Kept, Kept] = {}
 
-    def record(self, trace_id: bytes, kept_by: str | None) -> None:
-        """Remember a decision; `kept_by` is the keeping policy's name, None for dropped."""
-        if kept_by is not None:
+    def record(self, trace_id: bytes, kept: Kept | None) -> None:
+        """Remember a decision; `kept` is None for dropped."""
+        if kept is not None:
             if self.kept is not None:
-                self.kept[trace_id] = kept_by
+                interned = self._interned.get(kept)
+                if interned is None:
+                    if len(self._interned) >= _MAX_INTERNED_KEPT:
+                        self._interned.clear()
+                    interned = self._interned[kept] = kept
+                self.kept[trace_id] = interned
         elif self.dropped is not None:
             self.dropped[trace_id] = True
 
-    def lookup(self, trace_id: bytes) -> str | bool | None:
-        """The keeping policy's name if kept, False if dropped, None if unknown."""
+    def lookup(self, trace_id: bytes) -> Kept | bool | None:
+        """How the trace was kept if kept, False if dropped, None if unknown."""
         # Membership first: a miss, the common case for a new trace, costs one call per cache.
         if self.kept is not None and trace_id in self.kept:
             return self.kept[trace_id]
         if self.dropped is not None and trace_id in self.dropped:
             return False
         return None
+
+
+class LateSpan(NamedTuple):
+    """A span of a kept trace that arrived after the decision, checked valid, to forward at once."""
+
+    kept: Kept
+    scope: Scope
+    payload: bytes  # the span's serialized bytes, unframed
+    span: Span  # the same, parsed
 
 
 @dataclass
@@ -253,13 +279,14 @@ class IngestResult:
     late_kept: int = 0
     late_dropped: int = 0
     late_invalid: int = 0  # late spans of kept traces left out as not valid OTLP
-    # Late spans of kept traces, to forward at once: (keeping policy, scope, framed span).
-    late: list[tuple[str, Scope, bytes]] = field(default_factory=list)
+    late: list[LateSpan] = field(default_factory=list)
 
 
 # The decider's entry points, injected so the buffer never imports downstream modules.
 DecideNow = Callable[[list[Trace], str], None]
-ForwardLate = Callable[[list[tuple[str, Scope, bytes]]], None]
+ForwardLate = Callable[[list[LateSpan]], None]
+# Rewrites a kept trace's framed spans of one scope before export, given them parsed (Trace.span_groups).
+RewriteRun = Callable[[bytes, Sequence[Span]], bytes]
 
 
 class TraceBuffer:
@@ -422,9 +449,10 @@ class TraceBuffer:
         if decided is False:
             result.late_dropped += 1
         else:
-            assert isinstance(decided, str)
-            if is_valid_span(payload):
-                result.late.append((decided, scope, span_prefix(len(payload)) + payload))
+            assert isinstance(decided, Kept)
+            span = parse_valid_span(payload)
+            if span is not None:
+                result.late.append(LateSpan(decided, scope, payload, span))
             else:
                 result.late_invalid += 1
             result.late_kept += 1
@@ -482,6 +510,11 @@ class TraceBuffer:
         trace = queue.popleft()
         del self.traces[trace.trace_id]
         return trace
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a buffered trace; None when the buffer is empty."""
+        heads = (self._live_head(self._by_arrival), self._live_head(self._by_root))
+        return min((trace.deadline for trace in heads if trace is not None), default=None)
 
     def pop_due(self, now: float, limit: int) -> list[Trace]:
         """Remove and return up to `limit` traces whose deadline has passed."""
@@ -573,5 +606,5 @@ def _refuse_decision(traces: list[Trace], reason: str) -> None:
     raise RuntimeError("TraceBuffer.connect() was not called")
 
 
-def _refuse_late(spans: list[tuple[str, Scope, bytes]]) -> None:
+def _refuse_late(spans: list[LateSpan]) -> None:
     raise RuntimeError("TraceBuffer.connect() was not called")

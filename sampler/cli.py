@@ -1,9 +1,10 @@
-"""The `tailgate` command: `run` the gateway, `check-config` a file."""
+"""The `tailgate` command: `run` the gateway, `check-config` a file, `simulate` configs on a capture."""
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import sys
 
@@ -12,6 +13,7 @@ from sampler.errors import ConfigError, TailgateError
 
 EXIT_START_ERROR = 1
 EXIT_CONFIG_ERROR = 2
+EXIT_CAPTURE_ERROR = 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +23,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", "-c", default="config.yaml", help="YAML config file")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", default="config.yaml", help="YAML config file")
+    simulate = commands.add_parser(
+        "simulate", help="replay captured spans through configs offline and report what each keeps"
+    )
+    simulate.add_argument("capture", help="OTLP JSON lines: a `capture:` file or a file exporter's output")
+    simulate.add_argument(
+        "--config", "-c", action="append", required=True, help="YAML config file; repeat to compare configs"
+    )
+    simulate.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    simulate.add_argument(
+        "--kept-ids",
+        metavar="FILE",
+        help="write the kept trace ids: config, trace id, policy (tab-separated)",
+    )
     return parser
 
 
@@ -32,8 +47,37 @@ def _load(path: str) -> Config:
         raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from sampler.simulate import CaptureError, Progress, kept_id_lines, simulate, to_json, to_table
+
+    configs = [(path, _load(path)) for path in args.config]
+    logging.basicConfig(level="WARNING", format="tailgate: %(levelname)s %(name)s: %(message)s")
+    for path, config in configs:
+        for note in config.tail_sampling.unsupported_options():
+            print(f"{path}: {note}", file=sys.stderr)
+    try:
+        tallies = simulate(args.capture, configs, Progress.for_file(args.capture))
+    except CaptureError as error:
+        print(f"tailgate: {error}", file=sys.stderr)
+        return EXIT_CAPTURE_ERROR
+    if args.kept_ids:
+        try:
+            with open(args.kept_ids, "w") as file:
+                file.writelines(kept_id_lines(tallies))
+        except OSError as error:
+            print(f"tailgate: cannot write {args.kept_ids}: {error.strerror}", file=sys.stderr)
+            return EXIT_CAPTURE_ERROR
+    if args.format == "json":
+        print(json.dumps(to_json(args.capture, tallies), indent=2))
+    else:
+        print(to_table(tallies), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "simulate":
+        return _simulate(args)
     config = _load(args.config)
     unsupported = config.tail_sampling.unsupported_options()
     if args.command == "check-config":

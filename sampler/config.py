@@ -144,6 +144,8 @@ class TailSamplingConfig(Model):
     # As the Collector: a trace whose spans exceed this many serialized bytes is dropped at once, and its
     # later spans with it; 0 = no limit.
     maximum_trace_size_bytes: CacheSize = 0
+    # Write each kept span's keep probability: the tracestate `ot=th:` threshold and tailgate.sample_rate.
+    adjusted_counts: bool = True
     # Collector options tailgate accepts without acting on them; `unsupported_options` says why.
     expected_new_traces_per_sec: CacheSize = 0
     block_on_overflow: bool = False
@@ -268,6 +270,8 @@ class Config(Model):
     # Keyed `type` or `type/name` as in the OTel Collector, e.g. `otlp_http/backend`.
     exporters: dict[str, ExporterConfig] = Field(min_length=1)
     admin: AdminConfig = AdminConfig()
+    # Every span the receivers decode, also written as OTLP JSON lines before sampling (for `simulate`).
+    capture: FileExporterConfig | None = None
     shutdown_timeout: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

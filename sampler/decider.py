@@ -8,14 +8,16 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 
-from policies.base import Decision, Policy
+from policies.base import Decision, Policy, TraceView, Weighted
 from policies.combine import deciding_policy
-from sampler.buffer import DecisionCache, IngestResult, Trace, TraceBuffer
+from sampler.adjusted import MAX_ADJUSTED_COUNT, AdjustedCounts
+from sampler.buffer import DecisionCache, IngestResult, Kept, LateSpan, Trace, TraceBuffer
 from sampler.exporters.base import Exporter
 from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
-from sampler.otlp_wire import Scope, SpanGroup, scope_with_attribute
+from sampler.otlp_wire import Scope, SpanGroup, scope_with_attribute, span_prefix
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,12 @@ log = logging.getLogger(__name__)
 _DECIDE_SLICE = 2000
 # Scopes with the keeping policy recorded, cached; the cache starts over when it reaches this size.
 _MAX_POLICY_SCOPES = 10_000
+
+# Called once per decided trace with each policy's verdict (None: not evaluated) and the index of the
+# policy that kept it (None: dropped); `tailgate simulate` tallies decisions through it.
+DecisionObserver = Callable[[Trace, Sequence[Decision | None], int | None], None]
+KeepProbability = Callable[[TraceView], float]
+Export = Callable[[list[SpanGroup], int], None]
 
 
 class Decider:
@@ -41,6 +49,8 @@ class Decider:
         record_policy: bool,
         sample_on_first_match: bool = False,
         drop_pending_on_shutdown: bool = False,
+        adjusted_counts: bool = True,
+        observer: DecisionObserver | None = None,
     ) -> None:
         self.buffer = buffer
         self.policies = list(policies)
@@ -58,6 +68,13 @@ class Decider:
         self._sample_on_first_match = sample_on_first_match
         self._in_order = bool(self._drop_first) or sample_on_first_match
         self.drop_pending_on_shutdown = drop_pending_on_shutdown
+        self._adjusted = AdjustedCounts() if adjusted_counts else None
+        # Looked up once: which policies keep a sample with a known probability.
+        self._keep_probabilities: list[KeepProbability | None] = [
+            policy.keep_probability if adjusted_counts and isinstance(policy, Weighted) else None
+            for policy in self.policies
+        ]
+        self._observer = observer
         self._kept_traces = metrics.traces_decided.labels("kept")
         self._dropped_traces = metrics.traces_decided.labels("dropped")
         self._kept_spans = metrics.spans_decided.labels("kept")
@@ -74,13 +91,14 @@ class Decider:
         evaluators = self._evaluators
         record = self.decisions.record
         verdict_rows: list[list[Decision | None]] = []
-        exports = [exporter.export for exporter in self.exporters]
+        exports: list[Export] = [exporter.export for exporter in self.exporters]
         kept_spans = 0
         kept_traces = 0
         dropped_spans = 0
         invalid_spans = 0
         in_order = self._in_order
         unevaluated = reason in _UNEVALUATED
+        observer = self._observer
         for trace in traces:
             try:
                 if unevaluated:
@@ -94,24 +112,18 @@ class Decider:
             verdict_rows.append(verdicts)
             # Most traces have no keeping verdict at all: a C-level membership test rules that out.
             if Decision.SAMPLED in verdicts or Decision.INVERT_SAMPLED in verdicts:
-                voted = [verdict for verdict in verdicts if verdict is not None]
-                deciding = deciding_policy(voted)
-                if deciding is not None:
-                    voters = [p.name for p, v in zip(self.policies, verdicts, strict=True) if v is not None]
-                    kept_by = voters[deciding]
-                    record(trace.trace_id, kept_by)
-                    groups, invalid = trace.span_groups()
-                    if groups:
-                        # One call per trace: exporters batch and bound their queues by whole traces.
-                        groups = self._mark(kept_by, groups)
-                        for export in exports:
-                            export(groups, trace.span_count - invalid)
+                index = _deciding_index(verdicts)
+                if index is not None:
+                    invalid_spans += self._keep(trace, index, exports)
                     kept_spans += trace.span_count
-                    invalid_spans += invalid
                     kept_traces += 1
+                    if observer is not None:
+                        observer(trace, verdicts, index)
                     continue
             record(trace.trace_id, None)
             dropped_spans += trace.span_count
+            if observer is not None:
+                observer(trace, verdicts, None)
         for trace in traces:
             trace.release()
         if reason is None:
@@ -119,6 +131,40 @@ class Decider:
         if invalid_spans:
             self.count_invalid(invalid_spans)
         self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_rows)
+
+    def _keep(self, trace: Trace, index: int, exports: list[Export]) -> int:
+        """Record `trace` as kept by policy `index` and hand its spans to the exporters; returns how many
+        spans were left out as invalid."""
+        kept = Kept(self.policies[index].name, self._keep_probability(index, trace))
+        self.decisions.record(trace.trace_id, kept)
+        if not exports:
+            return 0
+        adjusted = self._adjusted
+        rewrite = None
+        if adjusted is not None:
+            rewrite = partial(adjusted.rewrite_run, tail_probability=kept.probability)
+        groups, invalid = trace.span_groups(rewrite)
+        if groups:
+            # One call per trace: exporters batch and bound their queues by whole traces.
+            groups = self._mark(kept.policy, groups)
+            for export in exports:
+                export(groups, trace.span_count - invalid)
+        return invalid
+
+    def _keep_probability(self, index: int, trace: Trace) -> float:
+        """The probability with which policy `index` keeps traces like `trace`: its `keep_probability`
+        when it is Weighted (clamped to [2^-56, 1]; a failure or NaN counts as 1), else 1."""
+        keep_probability = self._keep_probabilities[index]
+        if keep_probability is None:
+            return 1.0
+        try:
+            probability = keep_probability(trace)
+        except Exception:
+            log.exception("keep_probability of policy %r failed", self.policies[index].name)
+            return 1.0
+        if not probability <= 1.0:  # also NaN
+            return 1.0
+        return max(probability, 1 / MAX_ADJUSTED_COUNT)
 
     def _evaluate_in_order(self, trace: Trace, now: float) -> list[Decision | None]:
         """Drop policies first (a drop ends it), then the others in order; with sample_on_first_match the
@@ -194,9 +240,18 @@ class Decider:
             )
         return marked
 
-    def forward_late(self, spans: list[tuple[str, Scope, bytes]]) -> None:
-        """Send late spans of kept traces straight to the exporters."""
-        groups = [(self._policy_scope(scope, policy), framed, 1) for policy, scope, framed in spans]
+    def forward_late(self, spans: list[LateSpan]) -> None:
+        """Send late spans of kept traces straight to the exporters, marked as their trace was."""
+        if not self.exporters:
+            return
+        adjusted = self._adjusted
+        groups: list[SpanGroup] = []
+        for (policy, probability), scope, payload, span in spans:
+            if adjusted is None:
+                framed = span_prefix(len(payload)) + payload
+            else:
+                framed = adjusted.rewrite_span(payload, span, probability)
+            groups.append((self._policy_scope(scope, policy), framed, 1))
         for exporter in self.exporters:
             exporter.export(groups, len(groups))
 
@@ -263,6 +318,13 @@ class Decider:
 
 # Early-decision reasons that drop a trace without evaluating the policies.
 _UNEVALUATED = frozenset({"maximum_trace_size_bytes", "shutdown_dropped"})
+
+
+def _deciding_index(verdicts: list[Decision | None]) -> int | None:
+    """Index of the policy that keeps the trace (see `deciding_policy`), None when it is not kept."""
+    voters = [index for index, verdict in enumerate(verdicts) if verdict is not None]
+    deciding = deciding_policy([verdict for verdict in verdicts if verdict is not None])
+    return None if deciding is None else voters[deciding]
 
 
 def _is_drop(policy: Policy) -> bool:

@@ -118,6 +118,8 @@ def gateway_config(downstream: Downstream | None, **sampling: Any) -> dict[str, 
         "decision_wait": "1s",
         "decision_wait_after_root_received": "0.2s",
         "decision_tick": "0.02s",
+        # Off, so that tests can compare kept spans field by field; tests/test_adjusted_counts.py turns it on.
+        "adjusted_counts": False,
         "policies": [{"name": "all", "type": "always_sample"}],
     }
     tail_sampling.update(sampling)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from sampler.buffer import IngestResult, TraceBuffer
 from sampler.config import Config
+from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
 from sampler.receivers.common import Ingest, Receiver
 from sampler.receivers.otlp_grpc import OTLPGRPCReceiver
@@ -20,13 +21,15 @@ def build_receivers(
     buffer: TraceBuffer,
     metrics: Metrics,
     count_late: Callable[[IngestResult], None],
+    capture: Exporter | None = None,
 ) -> list[Receiver]:
-    """One receiver per configured block, all feeding `buffer` on the running event loop."""
+    """One receiver per configured block, all feeding `buffer` on the running event loop (and `capture`,
+    if given, with every span they accept)."""
     # Requests in progress at shutdown get a quarter of shutdown_timeout, exporters the rest.
     grace = config.shutdown_timeout / 4
 
     def ingest(protocol: str) -> Ingest:
-        return Ingest(protocol, buffer, metrics, count_late)
+        return Ingest(protocol, buffer, metrics, count_late, capture)
 
     receivers: list[Receiver] = []
     otlp = config.receivers.otlp

@@ -6,7 +6,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
+from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
+from sampler.otlp_wire import Scope, SpanGroup, frame_run
 
 
 class Receiver(Protocol):
@@ -31,6 +33,7 @@ class Ingest:
         buffer: TraceBuffer,
         metrics: Metrics,
         count_late: Callable[[IngestResult], None],
+        capture: Exporter | None = None,
     ) -> None:
         self.protocol = protocol
         self.buffer = buffer
@@ -39,10 +42,14 @@ class Ingest:
         self._rejected = metrics.received_spans.labels(protocol, "rejected")
         self._rejected_requests = metrics.rejected_requests
         self._requests = metrics.received_requests.labels(protocol)
+        # Where every decoded span is also written before sampling (`capture:`), if anywhere.
+        self.capture = capture
 
     def add(self, batches: list[SpanBatch]) -> IngestResult:
         """Buffer the spans of one decoded request; every receiver goes through here."""
         self._requests.inc()
+        if self.capture is not None:
+            _tee(self.capture, batches)
         result = self.buffer.add_spans(batches)
         if result.accepted:
             self._accepted.inc(result.accepted)
@@ -56,3 +63,17 @@ class Ingest:
         """Count a request refused as a whole (malformed, too large, unsupported, ...)."""
         self._requests.inc()
         self._rejected_requests.labels(self.protocol, reason).inc()
+
+
+def _tee(capture: Exporter, batches: list[SpanBatch]) -> None:
+    """Hand a request's spans, as they arrived, to the capture; it queues them and never blocks."""
+    groups: list[SpanGroup] = []
+    spans = 0
+    for batch in batches:
+        if batch.payloads:
+            groups.append(
+                (Scope(batch.resource, batch.scope), frame_run(list(batch.payloads)), len(batch.payloads))
+            )
+            spans += len(batch.payloads)
+    if groups:
+        capture.export(groups, spans)

@@ -10,6 +10,7 @@ import pytest
 
 from policies.base import AttributeValue, Policy, SpanRecord
 from policies.registry import build_policies
+from sampler.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -47,3 +48,10 @@ def build() -> Callable[[dict[str, Any]], Policy]:
         return policy
 
     return build_one
+
+
+def config_error(spec: dict[str, Any]) -> str:
+    """The ConfigError message for one policy built as `tail_sampling.policies[0]`."""
+    with pytest.raises(ConfigError) as caught:
+        build_policies([spec], "tail_sampling.policies")
+    return str(caught.value)

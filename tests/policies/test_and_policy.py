@@ -7,6 +7,7 @@ import pytest
 from policies.base import STATUS_ERROR, Decision
 from policies.registry import build_policies
 from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 from tests.policies.test_policy_registry import KNOWN
 
 MS = 1_000_000
@@ -112,6 +113,4 @@ def test_bad_parameters(block, message) -> None:
     spec = {"name": "both", "type": "and"}
     if block is not None:
         spec["and"] = block
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

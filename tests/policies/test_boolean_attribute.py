@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def boolean_policy(build, **block):
@@ -71,6 +70,4 @@ def test_invert_match(build, make_trace) -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "ba", "type": "boolean_attribute", "boolean_attribute": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 MS = 1_000_000
 START = 1_700_000_000 * 10**9
@@ -80,6 +79,4 @@ def test_bad_parameters(block, message) -> None:
     spec = {"name": "slow", "type": "latency"}
     if block is not None:
         spec["latency"] = block
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

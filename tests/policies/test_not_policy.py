@@ -6,8 +6,7 @@ import pytest
 
 from policies.base import STATUS_ERROR, Decision
 from policies.combine import combine
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 ERRORS = {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}
 
@@ -69,6 +68,4 @@ def test_keeps_what_the_sub_policy_would_not(build, make_trace) -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "not", "type": "not", "not": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def numeric_policy(build, **block):
@@ -80,6 +79,4 @@ def test_invert_match(build, make_trace) -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "na", "type": "numeric_attribute", "numeric_attribute": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

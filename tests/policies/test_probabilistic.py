@@ -10,7 +10,7 @@ import pytest
 
 from policies.base import Decision
 from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 MAX_UINT64 = 2**64 - 1
 
@@ -159,6 +159,4 @@ def test_bad_parameters(block, message) -> None:
     spec = {"name": "p", "type": "probabilistic"}
     if block is not None:
         spec["probabilistic"] = block
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

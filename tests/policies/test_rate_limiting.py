@@ -6,8 +6,7 @@ import pytest
 
 from policies.base import Decision
 from policies.rate_limiting import TokenBucket
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def limiter(build, **block):
@@ -84,6 +83,4 @@ def test_bad_parameters(block, message) -> None:
     spec = {"name": "rl", "type": "rate_limiting"}
     if block is not None:
         spec["rate_limiting"] = block
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

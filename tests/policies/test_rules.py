@@ -8,8 +8,7 @@ import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from policies.base import Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 from tests.policies.test_conditions import server_error_span, trace_of
 
 
@@ -268,6 +267,4 @@ PREFIX = "tail_sampling.policies[0].rules.rules"
 )
 def test_bad_parameters(rules, message) -> None:
     spec = {"name": "rules", "type": "rules", "rules": {"rules": rules}}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def span_count_policy(build, **block):
@@ -73,6 +72,4 @@ def test_max_spans_alone(build, make_trace) -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "sc", "type": "span_count", "span_count": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

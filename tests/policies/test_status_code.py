@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import STATUS_ERROR, STATUS_OK, STATUS_UNSET, Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def status_policy(build, *codes: str):
@@ -57,6 +56,4 @@ def test_bad_parameters(block, message) -> None:
     spec = {"name": "s", "type": "status_code"}
     if block is not None:
         spec["status_code"] = block
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

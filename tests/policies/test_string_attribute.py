@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.base import Decision
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def string_policy(build, **block):
@@ -93,9 +92,7 @@ def test_invert_match(build, make_trace, regex) -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "sa", "type": "string_attribute", "string_attribute": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message
 
 
 def test_invalid_pattern_is_fine_without_regex_matching(build, make_trace) -> None:

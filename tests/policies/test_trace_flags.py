@@ -8,8 +8,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, SpanFlags
 
 from policies.base import Decision, SpanRecord
-from policies.registry import build_policies
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 REMOTE_PARENT = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 
@@ -53,6 +52,4 @@ def test_an_empty_block_is_accepted(build, make_trace) -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "tf", "type": "trace_flags", "trace_flags": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message

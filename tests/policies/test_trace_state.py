@@ -8,9 +8,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from policies.base import Decision, SpanRecord
-from policies.registry import build_policies
 from policies.trace_state import parse_tracestate
-from sampler.errors import ConfigError
+from tests.policies.conftest import config_error
 
 
 def records(*trace_states: str) -> list[SpanRecord]:
@@ -101,6 +100,4 @@ def test_parse_tracestate() -> None:
 )
 def test_bad_parameters(block, message) -> None:
     spec = {"name": "ts", "type": "trace_state", "trace_state": block}
-    with pytest.raises(ConfigError) as caught:
-        build_policies([spec], "tail_sampling.policies")
-    assert str(caught.value) == message
+    assert config_error(spec) == message
