@@ -12,10 +12,12 @@ from policies.registry import build_policies
 from sampler.admin import AdminServer
 from sampler.buffer import DecisionCache, TraceBuffer
 from sampler.config import Config
-from sampler.decider import Decider
+from sampler.decider import Decider, attribute_keys
 from sampler.exporters import Exporter, FileExporter, build_exporters
 from sampler.metrics import Metrics
+from sampler.pressure import build_pressure
 from sampler.receivers import build_receivers
+from sampler.reload import ConfigReloader, live_config, rebuild_policies
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +25,16 @@ log = logging.getLogger(__name__)
 class Gateway:
     """receivers → buffer → decider → exporters, plus the admin endpoint."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
         sampling = config.tail_sampling
         self.policies = build_policies(sampling.policies, "tail_sampling.policies")
-        attribute_keys = frozenset().union(*(p.attribute_keys for p in self.policies))
         self.decisions = DecisionCache(
             sampling.decision_cache.sampled_cache_size,
             sampling.decision_cache.non_sampled_cache_size,
         )
-        self.buffer = TraceBuffer(sampling, attribute_keys, self.decisions, time.monotonic)
+        self.buffer = TraceBuffer(sampling, attribute_keys(self.policies), self.decisions, time.monotonic)
         self.exporters = build_exporters(config, self.metrics)
         self.decider = Decider(
             self.buffer,
@@ -61,7 +62,17 @@ class Gateway:
         self.receivers = build_receivers(
             config, self.buffer, self.metrics, self.decider.count_late, self.capture
         )
+        # `memory:`: stress relief, and the flag receivers check to refuse requests when overloaded.
+        self.pressure = build_pressure(config, self.buffer, self.exporters, self.decisions, self.metrics)
+        for receiver in self.receivers:
+            receiver.ingest.pressure = self.pressure
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
+        # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
+        self.reloader = (
+            None
+            if config_path is None
+            else ConfigReloader(config_path, config.reload, self.apply_config, self.metrics)
+        )
         self.ready = False
 
     async def start(self) -> None:
@@ -71,6 +82,10 @@ class Gateway:
         self.decider.start()
         for receiver in self.receivers:
             await receiver.start()
+        # After the receivers: their servers are part of the footprint at start that RSS is measured from.
+        self.pressure.start()
+        if self.reloader is not None:
+            self.reloader.start()
         self.ready = True
         log.info("tailgate ready: %d policies, %d exporters", len(self.policies), len(self.exporters))
 
@@ -79,8 +94,11 @@ class Gateway:
         self.ready = False
         deadline = time.monotonic() + self.config.shutdown_timeout
         try:
+            if self.reloader is not None:
+                await self.reloader.stop()
             for receiver in self.receivers:
                 await receiver.stop()
+            await self.pressure.stop()
             buffered = len(self.buffer.traces)
             await self.decider.stop(deadline)
             log.info("decided %d buffered traces at shutdown; flushing exporters", buffered)
@@ -89,6 +107,18 @@ class Gateway:
             remaining = max(0.0, deadline - time.monotonic())
             await asyncio.gather(*(exporter.shutdown(remaining) for exporter in self._all_exporters()))
             await self.admin.stop()
+
+    def apply_config(self, loaded: Config) -> None:
+        """Run a reloaded config: everything but the restart-only sections (sampler/reload.py), which keep
+        running as they are. Synchronous, so it lands between two decisions."""
+        config, restart = live_config(self.config, loaded)
+        if restart:
+            log.warning("config reload: these settings need a restart to change: %s", ", ".join(restart))
+        sampling = config.tail_sampling
+        self.policies = rebuild_policies(self.config.tail_sampling.policies, self.policies, sampling.policies)
+        self.decider.reconfigure(self.policies, sampling)
+        logging.getLogger().setLevel(config.log_level.upper())
+        self.config = config
 
     def _all_exporters(self) -> list[Exporter]:
         """The decider's exporters and the capture."""
@@ -100,6 +130,8 @@ class Gateway:
         stop_requested = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop_requested.set)
+        if self.reloader is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reloader.reload)
         try:
             await self.start()
         except BaseException:

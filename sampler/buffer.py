@@ -109,6 +109,14 @@ class Trace:
         if len(values) < _MAX_VALUES_PER_KEY and value not in values:
             values.append(value)
 
+    def read_attributes(self, keys: frozenset[str]) -> None:
+        """Extract `keys` from every span and resource, parsed in full: for a trace buffered before a config
+        reload added keys (ingest extracts only the keys wanted when a span arrives)."""
+        for resource, _, span in self.spans():
+            for attributes in (resource.attributes, span.attributes):
+                for key, value in _wanted_values(attributes, keys):
+                    self.add_attribute(key, value)
+
     def span_groups(self, rewrite: RewriteRun | None = None) -> tuple[list[SpanGroup], int]:
         """The trace's valid spans grouped by scope, and how many spans were left out as invalid.
 
@@ -319,11 +327,43 @@ class TraceBuffer:
         self._needles = [frame(0x0A, key.encode()) for key in sorted(attribute_keys)]
         self.decide_now: DecideNow = _refuse_decision
         self.forward_late: ForwardLate = _refuse_late
+        # Set by the memory monitor while stress relief sheds load: traces whose first span arrives then
+        # are decided through it at the end of that request instead of being buffered.
+        self.stress_relief: DecideNow | None = None
+        self._stressed: list[Trace] = []
 
     def connect(self, decide_now: DecideNow, forward_late: ForwardLate) -> None:
         """Wire the decider: where early-decided traces and late spans of kept traces go."""
         self.decide_now = decide_now
         self.forward_late = forward_late
+
+    def reconfigure(self, settings: TailSamplingConfig, attribute_keys: frozenset[str]) -> None:
+        """Take a reloaded `tail_sampling` block and the attribute keys its policies read.
+
+        Limits and waits apply to what arrives next. A shorter wait also caps the deadlines of buffered
+        traces at now + the new wait (the root wait: of those whose root arrived): no trace waits longer
+        than the new setting allows, and each deadline queue stays in order. A lower trace or span limit
+        decides the excess at once.
+        """
+        now = self.clock()
+        if settings.decision_wait < self.settings.decision_wait:
+            _cap_deadlines(self._by_arrival, now + settings.decision_wait)
+        if settings.decision_wait_after_root_received < self.settings.decision_wait_after_root_received:
+            self._shorten_root_wait(now + settings.decision_wait_after_root_received)
+        self.settings = settings
+        self._attribute_keys = attribute_keys
+        self._needles = [frame(0x0A, key.encode()) for key in sorted(attribute_keys)]
+        self._enforce_limits()
+
+    def _shorten_root_wait(self, latest: float) -> None:
+        """Cap at `latest` the deadlines of buffered traces whose root arrived; those whose root did not
+        move their deadline before join the root queue, behind every deadline it holds then."""
+        _cap_deadlines(self._by_root, latest)
+        traces = self.traces
+        for trace in self._by_arrival:
+            if trace.root_seen and trace.deadline > latest and traces.get(trace.trace_id) is trace:
+                trace.deadline = latest
+                self._by_root.append(trace)
 
     def intern_scope(self, resource: bytes, scope: bytes) -> Scope | None:
         """The shared Scope object for these wire bytes; None when they are not valid OTLP.
@@ -432,6 +472,8 @@ class TraceBuffer:
         result.accepted = accepted
         self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans
         self.byte_count += added_bytes
+        if self._stressed:
+            self._decide_stressed()
         if result.late:
             self.forward_late(result.late)
         self._enforce_limits()
@@ -444,7 +486,10 @@ class TraceBuffer:
         decided = self.decisions.lookup(trace_id)
         if decided is None:
             trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait)
-            self._by_arrival.append(trace)
+            if self.stress_relief is None:
+                self._by_arrival.append(trace)
+            else:
+                self._stressed.append(trace)
             return trace
         if decided is False:
             result.late_dropped += 1
@@ -470,6 +515,20 @@ class TraceBuffer:
         del self.traces[trace.trace_id]
         self.decide_now([trace], "max_spans_per_trace")
 
+    def _decide_stressed(self) -> None:
+        """Hand the traces this request started to stress relief, unless already decided (trace limits)."""
+        started, self._stressed = self._stressed, []
+        decide = self.stress_relief
+        assert decide is not None  # only set while it is
+        traces = self.traces
+        stressed: list[Trace] = []
+        for trace in started:
+            if traces.get(trace.trace_id) is trace:
+                self._remove(trace)
+                stressed.append(trace)
+        if stressed:
+            decide(stressed, "stress_relief")
+
     def _enforce_limits(self) -> None:
         """Decide the traces nearest their deadline early while the buffer is over a limit."""
         settings = self.settings
@@ -479,14 +538,25 @@ class TraceBuffer:
         ):
             evicted: list[Trace] = []
             while (len(self.traces) if reason == "num_traces" else self.span_count) > limit:
-                trace = self._pop_earliest()
-                if trace is None:
+                queue = self._earliest_queue()
+                if queue is None:
                     break
-                self.span_count -= trace.span_count
-                self.byte_count -= trace.nbytes
-                evicted.append(trace)
+                evicted.append(self._take_head(queue))
             if evicted:
                 self.decide_now(evicted, reason)
+
+    def pop_earliest(self, max_spans: int) -> list[Trace]:
+        """Remove and return the traces nearest their deadline, as many as hold at most `max_spans` spans
+        (at least one when any is buffered)."""
+        popped: list[Trace] = []
+        spans = 0
+        while (queue := self._earliest_queue()) is not None:
+            if popped and spans + queue[0].span_count > max_spans:
+                break
+            trace = self._take_head(queue)
+            popped.append(trace)
+            spans += trace.span_count
+        return popped
 
     def _live_head(self, queue: deque[Trace]) -> Trace | None:
         """The first trace of a deadline queue that is still buffered, dropping decided ones."""
@@ -498,18 +568,27 @@ class TraceBuffer:
             queue.popleft()
         return None
 
-    def _pop_earliest(self) -> Trace | None:
+    def _earliest_queue(self) -> deque[Trace] | None:
+        """The deadline queue whose head is the buffered trace due first; None when the buffer is empty."""
         by_arrival = self._live_head(self._by_arrival)
         by_root = self._live_head(self._by_root)
         if by_arrival is None and by_root is None:
             return None
         if by_root is None or (by_arrival is not None and by_arrival.deadline <= by_root.deadline):
-            queue = self._by_arrival
-        else:
-            queue = self._by_root
+            return self._by_arrival
+        return self._by_root
+
+    def _take_head(self, queue: deque[Trace]) -> Trace:
+        """Remove the (live) head of a deadline queue from the buffer."""
         trace = queue.popleft()
-        del self.traces[trace.trace_id]
+        self._remove(trace)
         return trace
+
+    def _remove(self, trace: Trace) -> None:
+        """Take a buffered trace out of the buffer and off its counts."""
+        del self.traces[trace.trace_id]
+        self.span_count -= trace.span_count
+        self.byte_count -= trace.nbytes
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a buffered trace; None when the buffer is empty."""
@@ -541,6 +620,12 @@ class TraceBuffer:
         self.span_count = 0
         self.byte_count = 0
         return remaining
+
+
+def _cap_deadlines(queue: deque[Trace], latest: float) -> None:
+    for trace in queue:
+        if trace.deadline > latest:
+            trace.deadline = latest
 
 
 def _reject(result: IngestResult, trace_id: bytes, span_id: bytes) -> None:

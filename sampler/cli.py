@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from sampler.app import Gateway
 
     async def serve() -> None:
-        await Gateway(config).run_until_signalled()
+        await Gateway(config, args.config).run_until_signalled()
 
     # The buffer holds tens of thousands of acyclic objects (traces, span lists) that churn fast; with
     # the default thresholds the cyclic GC rescans them several times a second, costing ~15 % of

@@ -12,9 +12,12 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -77,24 +80,61 @@ Endpoint = Annotated[str, BeforeValidator(lambda v: _check_endpoint(str(v)))]
 MaxRequestBytes = Annotated[Count, Field(le=1 << 30)]
 
 
+class ServerTLSConfig(Model):
+    """TLS on a receiver: its certificate and key; with `client_ca_file`, clients must present one (mTLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class AuthConfig(Model):
+    """Ingest authentication: a request must carry one of `bearer_tokens` (Authorization: Bearer ...) or,
+    with `header`, that header with one of `header_values`. Values usually come from `${ENV}`."""
+
+    bearer_tokens: list[SecretStr] = Field(default_factory=list)
+    header: str | None = None
+    header_values: list[SecretStr] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _credentials_given(self) -> AuthConfig:
+        if not self.bearer_tokens and self.header is None:
+            raise ValueError("give bearer_tokens, or header with header_values")
+        if (self.header is None) != (not self.header_values):
+            raise ValueError("header and header_values go together")
+        if self.header is not None and not re.fullmatch(r"[0-9A-Za-z_.-]+", self.header):
+            raise ValueError(f"header {self.header!r} is not a valid header name")
+        if any(not value.get_secret_value().strip() for value in [*self.bearer_tokens, *self.header_values]):
+            # An unset `${VAR:-}` would otherwise accept requests with an empty credential.
+            raise ValueError("a token or header value is empty")
+        return self
+
+
+class ReceiverSecurity(Model):
+    """What every receiver shares: TLS and authentication, both off by default."""
+
+    tls: ServerTLSConfig | None = None
+    auth: AuthConfig | None = None
+
+
 def _enabled(value: Any) -> Any:
     # As in the OTel Collector, a receiver is on when its key is present, even with no settings.
     return {} if value is None else value
 
 
-class OTLPHTTPReceiverConfig(Model):
+class OTLPHTTPReceiverConfig(ReceiverSecurity):
     endpoint: Endpoint = "127.0.0.1:4318"
     # The body after decompression; larger requests get 413.
     max_request_bytes: MaxRequestBytes = 8 * 1024 * 1024
 
 
-class OTLPGRPCReceiverConfig(Model):
+class OTLPGRPCReceiverConfig(ReceiverSecurity):
     endpoint: Endpoint = "127.0.0.1:4317"
     # The message after decompression; larger ones get RESOURCE_EXHAUSTED.
     max_request_bytes: MaxRequestBytes = 8 * 1024 * 1024
 
 
-class ZipkinReceiverConfig(Model):
+class ZipkinReceiverConfig(ReceiverSecurity):
     endpoint: Endpoint = "127.0.0.1:9411"
     max_request_bytes: MaxRequestBytes = 8 * 1024 * 1024
 
@@ -186,9 +226,47 @@ class BatchConfig(Model):
     num_consumers: Count = 4
 
 
+class ClientTLSConfig(Model):
+    """TLS towards a downstream: trust `ca_file` (else the system store), check `server_name` (else the
+    endpoint's host); `insecure_skip_verify` turns checking off. `cert_file`/`key_file` for mTLS."""
+
+    ca_file: str | None = None
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> ClientTLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class SendingQueueConfig(Model):
+    """The exporter's queue of kept batches (as the OTel Collector's `sending_queue`): in memory, or in
+    segment files under `directory` that survive a restart and hold what the downstream cannot take yet."""
+
+    storage: Literal["memory", "disk"] = "memory"
+    # Required with storage: disk; each exporter keeps its segments in a subdirectory named after it.
+    directory: Annotated[str | None, Field(validate_default=True)] = None
+    max_bytes: Count = 1 << 30  # on disk; beyond it, `when_full`
+    fsync: Literal["always", "batch", "never"] = "batch"
+    when_full: Literal["backpressure", "drop"] = "backpressure"
+
+    @field_validator("directory")
+    @classmethod
+    def _directory_for_disk(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if not value and info.data.get("storage") == "disk":
+            raise ValueError("required when storage is disk")
+        return value
+
+
 class SendingExporterConfig(Model):
     """Settings every exporter that sends over the network shares."""
 
+    tls: ClientTLSConfig | None = None
+    sending_queue: SendingQueueConfig = SendingQueueConfig()
     headers: dict[str, str] = Field(default_factory=dict)
     compression: Literal["gzip", "none"] = "gzip"
     timeout: PositiveSeconds = 10.0
@@ -205,9 +283,20 @@ def _check_url(value: str) -> str:
 HTTPURL = Annotated[str, AfterValidator(_check_url)]
 
 
+def _check_https(endpoint: str, tls: ClientTLSConfig | None) -> None:
+    # aiohttp would send to an http:// URL in plaintext, whatever `tls` says.
+    if tls is not None and not endpoint.startswith("https://"):
+        raise ValueError("tls is set: the endpoint must be an https:// URL")
+
+
 class OTLPHTTPExporterConfig(SendingExporterConfig):
     type: Literal["otlp_http"] = "otlp_http"
     endpoint: HTTPURL
+
+    @model_validator(mode="after")
+    def _tls_over_https(self) -> OTLPHTTPExporterConfig:
+        _check_https(self.endpoint, self.tls)
+        return self
 
 
 def _grpc_target(value: Any) -> Any:
@@ -219,8 +308,18 @@ def _grpc_target(value: Any) -> Any:
 
 class OTLPGRPCExporterConfig(SendingExporterConfig):
     type: Literal["otlp_grpc"] = "otlp_grpc"
-    # host:port of an OTLP/gRPC server (plaintext; TLS comes with the security settings).
+    # host:port of an OTLP/gRPC server: plaintext, or TLS with `tls:`.
     endpoint: Annotated[Endpoint, BeforeValidator(_grpc_target)]
+
+    @field_validator("tls")
+    @classmethod
+    def _verified(cls, value: ClientTLSConfig | None) -> ClientTLSConfig | None:
+        if value is not None and value.insecure_skip_verify:
+            raise ValueError(
+                "insecure_skip_verify is not available for otlp_grpc: grpc always checks the server's "
+                "certificate; give its CA in ca_file (and server_name if the certificate names another host)"
+            )
+        return value
 
     @field_validator("headers")
     @classmethod
@@ -239,6 +338,11 @@ class ZipkinExporterConfig(SendingExporterConfig):
     endpoint: HTTPURL
     # localEndpoint.serviceName for spans whose resource has no service.name.
     default_service_name: str = "unknown_service"
+
+    @model_validator(mode="after")
+    def _tls_over_https(self) -> ZipkinExporterConfig:
+        _check_https(self.endpoint, self.tls)
+        return self
 
 
 class FileExporterConfig(Model):
@@ -259,6 +363,44 @@ EXPORTER_TYPES: dict[str, type[Model]] = {
 }
 
 
+class StressReliefConfig(Model):
+    """Refinery's stress relief: above `activation_level` of `max_memory` new traces are decided at once by
+    trace-id hash (`sample_percentage` kept); below `deactivation_level` normal sampling resumes."""
+
+    activation_level: Annotated[float, Field(gt=0, le=100)] = 90.0
+    deactivation_level: Annotated[float, Field(gt=0, le=100)] = 75.0
+    sample_percentage: Annotated[float, Field(ge=0, le=100)] = 10.0
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> StressReliefConfig:
+        if self.deactivation_level > self.activation_level:
+            raise ValueError("deactivation_level must not be above activation_level")
+        return self
+
+
+class MemoryConfig(Model):
+    """Bounded memory: an estimate of the buffer's bytes (checked against the process RSS) stays under
+    `max_memory`; when it cannot (the export queue full too), receivers answer 429 / RESOURCE_EXHAUSTED."""
+
+    max_memory: ByteSize | None = None
+    stress_relief: StressReliefConfig = StressReliefConfig()
+    retry_after: PositiveSeconds = 1.0
+
+    @field_validator("max_memory")
+    @classmethod
+    def _positive(cls, value: ByteSize | None) -> ByteSize | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be more than 0 bytes (or leave it out: no limit)")
+        return value
+
+
+class ReloadConfig(Model):
+    """Config reload on SIGHUP, and with `watch` when the file changes."""
+
+    watch: bool = False
+    interval: PositiveSeconds = 2.0
+
+
 class AdminConfig(Model):
     endpoint: Endpoint = "127.0.0.1:8888"
 
@@ -272,6 +414,8 @@ class Config(Model):
     admin: AdminConfig = AdminConfig()
     # Every span the receivers decode, also written as OTLP JSON lines before sampling (for `simulate`).
     capture: FileExporterConfig | None = None
+    memory: MemoryConfig = MemoryConfig()
+    reload: ReloadConfig = ReloadConfig()
     shutdown_timeout: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -14,6 +14,7 @@ from policies.base import Decision, Policy, TraceView, Weighted
 from policies.combine import deciding_policy
 from sampler.adjusted import MAX_ADJUSTED_COUNT, AdjustedCounts
 from sampler.buffer import DecisionCache, IngestResult, Kept, LateSpan, Trace, TraceBuffer
+from sampler.config import TailSamplingConfig
 from sampler.exporters.base import Exporter
 from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
@@ -61,19 +62,12 @@ class Decider:
         self.tick = tick
         self.record_policy = record_policy
         self._policy_scopes: dict[tuple[Scope, str], Scope] = {}
-        self._evaluators = [policy.evaluate for policy in self.policies]
-        # As the Collector: drop policies are evaluated first, and a drop ends the evaluation.
-        self._drop_first = [i for i, policy in enumerate(self.policies) if _is_drop(policy)]
-        self._others = [i for i in range(len(self.policies)) if i not in self._drop_first]
-        self._sample_on_first_match = sample_on_first_match
-        self._in_order = bool(self._drop_first) or sample_on_first_match
         self.drop_pending_on_shutdown = drop_pending_on_shutdown
-        self._adjusted = AdjustedCounts() if adjusted_counts else None
-        # Looked up once: which policies keep a sample with a known probability.
-        self._keep_probabilities: list[KeepProbability | None] = [
-            policy.keep_probability if adjusted_counts and isinstance(policy, Weighted) else None
-            for policy in self.policies
-        ]
+        self._adjusted: AdjustedCounts | None = None
+        self.use_policies(policies, sample_on_first_match, adjusted_counts)
+        # Traces buffered when a reload added attribute keys: their earlier spans are read for those keys
+        # when they are decided (see `reconfigure`).
+        self._stale_attributes: set[Trace] = set()
         self._observer = observer
         self._kept_traces = metrics.traces_decided.labels("kept")
         self._dropped_traces = metrics.traces_decided.labels("dropped")
@@ -85,8 +79,62 @@ class Decider:
         self._invalid_log = LogThrottle()
         self._task: asyncio.Task[None] | None = None
 
+    def use_policies(
+        self, policies: Sequence[Policy], sample_on_first_match: bool, adjusted_counts: bool
+    ) -> None:
+        """Evaluate `policies` from the next decision on, in the order these options give."""
+        self.policies = list(policies)
+        self._evaluators = [policy.evaluate for policy in self.policies]
+        # As the Collector: drop policies are evaluated first, and a drop ends the evaluation.
+        self._drop_first = [i for i, policy in enumerate(self.policies) if _is_drop(policy)]
+        self._others = [i for i in range(len(self.policies)) if i not in self._drop_first]
+        self._sample_on_first_match = sample_on_first_match
+        self._in_order = bool(self._drop_first) or sample_on_first_match
+        if not adjusted_counts:
+            self._adjusted = None
+        elif self._adjusted is None:
+            self._adjusted = AdjustedCounts()
+        # Looked up once: which policies keep a sample with a known probability.
+        self._keep_probabilities: list[KeepProbability | None] = [
+            policy.keep_probability if adjusted_counts and isinstance(policy, Weighted) else None
+            for policy in self.policies
+        ]
+
+    def reconfigure(self, policies: Sequence[Policy], settings: TailSamplingConfig) -> None:
+        """Switch to a reloaded `tail_sampling` block (its decision cache sizes aside).
+
+        Called on the event loop between two decisions, so no trace is decided half by the old policies;
+        buffered traces stay and are decided by the new ones. The buffer extracts the attribute keys the
+        new policies read from then on; a trace buffered before gets the keys added here from its earlier
+        spans when it is decided (parsed in full, once).
+        """
+        added = attribute_keys(policies) - attribute_keys(self.policies)
+        self.use_policies(policies, settings.sample_on_first_match, settings.adjusted_counts)
+        self.tick = settings.decision_tick
+        self.record_policy = settings.record_policy
+        self.drop_pending_on_shutdown = settings.drop_pending_traces_on_shutdown
+        if added:
+            self._stale_attributes = set(self.buffer.traces.values())
+        self.buffer.reconfigure(settings, attribute_keys(policies))
+
+    def _read_added_keys(self, traces: list[Trace], reason: str | None) -> None:
+        """Give traces buffered before a reload the values of the keys it added, from all their spans.
+
+        Every buffered trace leaves the buffer through `decide`, so the set empties as they are decided.
+        """
+        stale = self._stale_attributes
+        keys = attribute_keys(self.policies)
+        evaluated = reason not in _UNEVALUATED
+        for trace in traces:
+            if trace in stale:
+                stale.discard(trace)
+                if evaluated:
+                    trace.read_attributes(keys)
+
     def decide(self, traces: list[Trace], reason: str | None = None) -> None:
         """Decide `traces` now; `reason` names why when it is before their deadline."""
+        if self._stale_attributes:
+            self._read_added_keys(traces, reason)
         now = self.clock()
         evaluators = self._evaluators
         record = self.decisions.record
@@ -325,6 +373,11 @@ def _deciding_index(verdicts: list[Decision | None]) -> int | None:
     voters = [index for index, verdict in enumerate(verdicts) if verdict is not None]
     deciding = deciding_policy([verdict for verdict in verdicts if verdict is not None])
     return None if deciding is None else voters[deciding]
+
+
+def attribute_keys(policies: Sequence[Policy]) -> frozenset[str]:
+    """The attribute keys the buffer extracts at ingest for `policies`."""
+    return frozenset().union(*(policy.attribute_keys for policy in policies))
 
 
 def _is_drop(policy: Policy) -> bool:

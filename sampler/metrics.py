@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
 from prometheus_client.core import HistogramMetricFamily
@@ -79,7 +80,8 @@ class Metrics:
         )
         self.rejected_requests = Counter(
             "tailgate_receiver_rejected_requests",
-            "Requests refused with a 4xx/5xx reply, by protocol and reason.",
+            "Requests refused with a 4xx/5xx reply, by protocol and reason "
+            "(malformed, too_large, unsupported_media_type, unsupported_encoding, unauthenticated, ...).",
             ["protocol", "reason"],
             registry=r,
         )
@@ -98,7 +100,7 @@ class Metrics:
         self.early_decisions = Counter(
             "tailgate_traces_decided_early",
             "Traces decided before their deadline, by reason "
-            "(max_spans_per_trace, num_traces, max_buffered_spans, shutdown).",
+            "(max_spans_per_trace, num_traces, max_buffered_spans, max_memory, stress_relief, shutdown).",
             ["reason"],
             registry=r,
         )
@@ -165,6 +167,65 @@ class Metrics:
             "tailgate_exporter_queue_spans",
             "Spans batched or in flight in an exporter, by exporter.",
             ["exporter"],
+            registry=r,
+        )
+        self.export_queue_bytes = Gauge(
+            "tailgate_exporter_queue_bytes",
+            "Bytes of an exporter's disk queue (sending_queue.storage: disk), by exporter.",
+            ["exporter"],
+            registry=r,
+        )
+        self.export_queue_recovered_batches = Counter(
+            "tailgate_exporter_queue_recovered_batches",
+            "Batches found in an exporter's disk queue at start and queued again, by exporter.",
+            ["exporter"],
+            registry=r,
+        )
+        self.export_queue_corrupt_records = Counter(
+            "tailgate_exporter_queue_corrupt_records",
+            "Damaged or truncated records skipped in an exporter's disk queue, by exporter.",
+            ["exporter"],
+            registry=r,
+        )
+        # Memory pressure (`memory:`), see sampler/pressure.py.
+        gauge = partial(Gauge, registry=r)
+        self.memory_estimate = gauge(
+            "tailgate_memory_estimate_bytes",
+            "Estimated memory held by spans (buffered, and queued by exporters in memory), "
+            "compared with memory.max_memory.",
+        )
+        self.memory_limit = gauge("tailgate_memory_limit_bytes", "memory.max_memory; 0 when not set.")
+        self.memory_rss_growth = gauge(
+            "tailgate_memory_rss_growth_bytes", "Resident memory above its level at start (with max_memory)."
+        )
+        self.memory_overloaded = gauge(
+            "tailgate_memory_overloaded",
+            "1 while receivers refuse new requests (over memory.max_memory, exporters full), else 0.",
+        )
+        self.stress_relief_active = gauge("tailgate_stress_relief_active", "1 while stress relief is on.")
+        self.stress_relief_activations = Counter(
+            "tailgate_stress_relief_activations", "Times stress relief turned on.", registry=r
+        )
+        self.stress_relief_traces = Counter(
+            "tailgate_stress_relief_traces",
+            "Traces decided at once by trace-id hash under stress relief, by decision (kept, dropped).",
+            ["decision"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "tailgate_config_reloads",
+            "Config reloads (SIGHUP, reload.watch), by result (applied, failed: the running config stays).",
+            ["result"],
+            registry=r,
+        )
+        self.config_last_reload_success = Gauge(
+            "tailgate_config_last_reload_success",
+            "1 if the last config load (start or reload) was applied, 0 if it failed.",
+            registry=r,
+        )
+        self.config_last_reload_timestamp = Gauge(
+            "tailgate_config_last_reload_timestamp_seconds",
+            "Unix time of the last config load applied (start or reload).",
             registry=r,
         )
 

@@ -16,6 +16,7 @@ from sampler.errors import ExportError
 from sampler.exporters.otlp_http import rejected_spans
 from sampler.exporters.retry import Retryable, RetryingExporter
 from sampler.metrics import Metrics
+from sampler.tls import load_client_tls
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 # The OTLP/gRPC spec's retryable codes; RESOURCE_EXHAUSTED only when the server says when to retry.
@@ -83,9 +84,18 @@ class OTLPGRPCExporter(RetryingExporter):
             ("grpc.max_reconnect_backoff_ms", _milliseconds(retry.max_interval)),
         ]
         compression = grpc.Compression.Gzip if self.config.compression == "gzip" else None
-        self._channel = grpc.aio.insecure_channel(
-            self.config.endpoint, options=options, compression=compression
-        )
+        if self.config.tls is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.config.endpoint, options=options, compression=compression
+            )
+        else:
+            tls = load_client_tls(self.config.tls, f"exporter {self.name}")
+            self._channel = grpc.aio.secure_channel(
+                self.config.endpoint,
+                tls.grpc_credentials(),
+                options=[*options, *tls.grpc_options()],
+                compression=compression,
+            )
         # No serializers: the batch is already an encoded ExportTraceServiceRequest.
         self._export = self._channel.unary_unary(EXPORT_METHOD)
 

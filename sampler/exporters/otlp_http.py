@@ -12,11 +12,12 @@ import aiohttp
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from sampler.config import OTLPHTTPExporterConfig
+from sampler.config import OTLPHTTPExporterConfig, SendingExporterConfig
 from sampler.errors import ExportError
 from sampler.exporters.retry import Retryable, RetryingExporter
 from sampler.metrics import Metrics
 from sampler.otlp_wire import iter_fields
+from sampler.tls import load_client_tls
 
 # The OTLP/HTTP spec's retryable statuses; 429 and 503 may carry Retry-After.
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
@@ -61,6 +62,20 @@ def error_message(body: bytes, content_type: str) -> str:
     return body[:_ERROR_SNIPPET].decode(errors="replace")
 
 
+def http_session(name: str, config: SendingExporterConfig, headers: dict[str, str]) -> aiohttp.ClientSession:
+    """Exporter `name`'s aiohttp session: its headers, request timeout and TLS settings."""
+    connector = None
+    if config.tls is not None:
+        connector = aiohttp.TCPConnector(ssl=load_client_tls(config.tls, f"exporter {name}").context)
+    timeout = aiohttp.ClientTimeout(total=config.timeout)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
+
+
+def server_name(config: SendingExporterConfig) -> str | None:
+    """The name the downstream's certificate must carry (and the SNI), when not the endpoint's host."""
+    return None if config.tls is None else config.tls.server_name
+
+
 def rejected_spans(body: bytes, content_type: str) -> tuple[int, str]:
     """`partial_success` (rejected span count, error message) of an ExportTraceServiceResponse."""
     if not body:
@@ -88,15 +103,13 @@ class OTLPHTTPExporter(RetryingExporter):
         super().__init__(name, config, metrics)
         self.config = config
         self._session: aiohttp.ClientSession | None = None
+        self._server_name = server_name(config)
         self._headers = {**config.headers, "Content-Type": "application/x-protobuf"}
         if config.compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"
 
     async def open(self) -> None:
-        self._session = aiohttp.ClientSession(
-            headers=self._headers,
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-        )
+        self._session = http_session(self.name, self.config, self._headers)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -114,7 +127,8 @@ class OTLPHTTPExporter(RetryingExporter):
         if self._session is None:
             raise ExportError("exporter not started")
         try:
-            async with self._session.post(self.config.endpoint, data=payload) as response:
+            post = self._session.post(self.config.endpoint, data=payload, server_hostname=self._server_name)
+            async with post as response:
                 reply = await response.read()
                 status = response.status
                 content_type = response.headers.get("Content-Type", "")
@@ -139,8 +153,12 @@ def http_failure(status: int, retry_after: str | None, text: str) -> Exception:
 
 
 def transport_failure(error: aiohttp.ClientError) -> Exception:
-    """A connection that failed or broke is retried; any other client error is not."""
+    """A connection that failed or broke is retried; a failed TLS handshake (an untrusted or mismatched
+    certificate, a server not speaking TLS) is a setup problem retries would only hide, as any other
+    client error."""
     message = f"{type(error).__name__}: {error}"
+    if isinstance(error, aiohttp.ClientSSLError):
+        return ExportError(message)
     if isinstance(error, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
         return Retryable(message)
     return ExportError(message)

@@ -66,11 +66,13 @@ class RetryingExporter(BatchingExporter):
     """A BatchingExporter that sends each batch over the network, retrying per `retry_on_failure`.
 
     Subclasses turn the encoded OTLP batch into their request body once (`encode`) and make one
-    attempt to deliver it (`attempt`), raising Retryable or ExportError when it fails.
+    attempt to deliver it (`attempt`), raising Retryable or ExportError when it fails. A batch given up
+    on is counted failed, also from a disk queue (which then forgets it): with `max_elapsed_time: 0` a
+    disk queue holds each batch until it is delivered or refused for good.
     """
 
     def __init__(self, name: str, config: SendingExporterConfig, metrics: Metrics) -> None:
-        super().__init__(name, config.batch, metrics)
+        super().__init__(name, config.batch, metrics, queue=config.sending_queue)
         self._retry = config.retry_on_failure
 
     async def send(self, body: bytes, span_count: int) -> int:

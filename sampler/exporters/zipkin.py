@@ -13,6 +13,8 @@ from sampler.exporters.otlp_http import (
     error_message,
     gzip_compress,
     http_failure,
+    http_session,
+    server_name,
     transport_failure,
 )
 from sampler.exporters.retry import Retryable, RetryingExporter
@@ -27,13 +29,13 @@ class ZipkinExporter(RetryingExporter):
         super().__init__(name, config, metrics)
         self.config = config
         self._session: aiohttp.ClientSession | None = None
+        self._server_name = server_name(config)
 
     async def open(self) -> None:
         headers = {**self.config.headers, "Content-Type": "application/json"}
         if self.config.compression == "gzip":
             headers["Content-Encoding"] = "gzip"
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
-        self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+        self._session = http_session(self.name, self.config, headers)
 
     async def close(self) -> None:
         session, self._session = self._session, None
@@ -55,7 +57,8 @@ class ZipkinExporter(RetryingExporter):
         if self._session is None:
             raise ExportError("exporter not started")
         try:
-            async with self._session.post(self.config.endpoint, data=payload) as response:
+            post = self._session.post(self.config.endpoint, data=payload, server_hostname=self._server_name)
+            async with post as response:
                 if 200 <= response.status < 300:
                     # Zipkin accepts or refuses a request whole.
                     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -9,6 +10,10 @@ from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
 from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
 from sampler.otlp_wire import Scope, SpanGroup, frame_run
+from sampler.pressure import Pressure
+
+# The message of a request refused as overloaded (429, RESOURCE_EXHAUSTED).
+OVERLOADED = "tailgate is over its memory limit and its exporters are full; retry later"
 
 
 class Receiver(Protocol):
@@ -16,6 +21,7 @@ class Receiver(Protocol):
 
     protocol: str
     port: int | None  # the bound port once started
+    ingest: Ingest
 
     async def start(self) -> None: ...
 
@@ -44,6 +50,8 @@ class Ingest:
         self._requests = metrics.received_requests.labels(protocol)
         # Where every decoded span is also written before sampling (`capture:`), if anywhere.
         self.capture = capture
+        # Receivers refuse a request, before reading it, while `pressure.overloaded` (`memory:`).
+        self.pressure = Pressure()
 
     def add(self, batches: list[SpanBatch]) -> IngestResult:
         """Buffer the spans of one decoded request; every receiver goes through here."""
@@ -51,6 +59,7 @@ class Ingest:
         if self.capture is not None:
             _tee(self.capture, batches)
         result = self.buffer.add_spans(batches)
+        self.pressure.update()
         if result.accepted:
             self._accepted.inc(result.accepted)
         if result.rejected:
@@ -63,6 +72,11 @@ class Ingest:
         """Count a request refused as a whole (malformed, too large, unsupported, ...)."""
         self._requests.inc()
         self._rejected_requests.labels(self.protocol, reason).inc()
+
+
+def retry_after_header(seconds: float) -> dict[str, str]:
+    """The Retry-After header suggesting `seconds`: whole seconds, at least 1, as HTTP has them."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _tee(capture: Exporter, batches: list[SpanBatch]) -> None:

@@ -10,9 +10,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from sampler.auth import Authenticator
+from sampler.config import ReceiverSecurity
 from sampler.errors import TailgateError
 from sampler.receivers.common import Ingest
+from sampler.tls import load_server_tls
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,16 @@ class HTTPReceiver(ABC):
     protocol: str
     label: str  # for logs, e.g. "OTLP/HTTP"
 
-    def __init__(self, endpoint: str, max_request_bytes: int, ingest: Ingest, shutdown_grace: float) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        max_request_bytes: int,
+        ingest: Ingest,
+        shutdown_grace: float,
+        security: ReceiverSecurity | None = None,
+    ) -> None:
         self.endpoint = endpoint
+        self.security = security or ReceiverSecurity()
         self.max_request_bytes = max_request_bytes
         self.ingest = ingest
         self.shutdown_grace = shutdown_grace
@@ -56,11 +68,40 @@ class HTTPReceiver(ABC):
     def make_app(self) -> web.Application:
         # client_max_size bounds the body as sent; the decompressed size is checked separately.
         app = web.Application(client_max_size=self.max_request_bytes)
+        if self.security.auth is not None:
+            app.middlewares.append(
+                self._authenticate(Authenticator(self.security.auth, f"{self.label} receiver"))
+            )
         self.routes(app)
         return app
 
+    def error_reply(self, rejected: RequestRejected, request: web.Request) -> web.Response:
+        """The reply to a request refused before its handler ran: plain text by default."""
+        return web.Response(status=rejected.status, text=rejected.message)
+
+    def _authenticate(self, authenticator: Authenticator) -> Middleware:
+        """A middleware answering 401 to requests without valid credentials, before their body is read."""
+
+        @web.middleware
+        async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+            reason = authenticator.refusal(request.headers.get)
+            if reason is None:
+                return await handler(request)
+            self.ingest.refuse("unauthenticated")
+            authenticator.log_refusal(request.remote or "unknown", reason)
+            reply = self.error_reply(
+                RequestRejected(401, "unauthenticated", f"unauthenticated: {reason}"), request
+            )
+            if authenticator.challenge is not None:
+                reply.headers["WWW-Authenticate"] = authenticator.challenge
+            return reply
+
+        return authenticate
+
     async def start(self) -> None:
         host, _, port = self.endpoint.rpartition(":")
+        security = self.security
+        tls = None if security.tls is None else load_server_tls(security.tls, f"{self.label} receiver")
         # Decompression is done here, bounded, instead of by aiohttp's unbounded reader.
         self._runner = web.AppRunner(
             self.make_app(),
@@ -69,7 +110,13 @@ class HTTPReceiver(ABC):
             shutdown_timeout=self.shutdown_grace,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        site = web.TCPSite(
+            self._runner,
+            host.strip("[]"),
+            int(port),
+            reuse_address=True,
+            ssl_context=None if tls is None else tls.context,
+        )
         try:
             await site.start()
         except BaseException:
@@ -77,7 +124,8 @@ class HTTPReceiver(ABC):
             self._runner = None
             raise
         self.port = _bound_port(self._runner)
-        log.info("%s receiver listening on %s:%s", self.label, host, self.port)
+        mode = "plaintext" if tls is None else tls.mode
+        log.info("%s receiver listening on %s:%s (%s)", self.label, host, self.port, mode)
 
     async def stop(self) -> None:
         """Stop accepting; requests in progress get `shutdown_grace` seconds to complete."""

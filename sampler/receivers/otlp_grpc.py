@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -14,16 +15,19 @@ from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from sampler.auth import Authenticator
 from sampler.buffer import IngestResult
 from sampler.config import OTLPGRPCReceiverConfig
 from sampler.errors import DecodeError
-from sampler.receivers.common import Ingest
+from sampler.receivers.common import OVERLOADED, Ingest
 from sampler.receivers.otlp_decode import decode_protobuf
+from sampler.tls import load_server_tls
 
 log = logging.getLogger(__name__)
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 PROTOCOL = "otlp_grpc"
+_OWNER = "OTLP/gRPC receiver"  # for logs and errors
 # The wait suggested to calls refused at shutdown; behind a load balancer the retry reaches another instance.
 SHUTDOWN_RETRY_DELAY = 1.0
 _SHUTTING_DOWN = "tailgate is shutting down; retry later or elsewhere"
@@ -51,6 +55,28 @@ def retry_later(code: grpc.StatusCode, message: str, delay: float) -> tuple[tupl
 _SHUTTING_DOWN_TRAILERS = retry_later(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN, SHUTDOWN_RETRY_DELAY)
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answers UNAUTHENTICATED to calls without valid credentials in their metadata, before their handler
+    runs or their message is read."""
+
+    def __init__(self, authenticator: Authenticator, ingest: Ingest) -> None:
+        self.authenticator = authenticator
+        self.ingest = ingest
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        reason = self.authenticator.refusal(metadata.get)
+        if reason is None:
+            return await continuation(handler_call_details)
+        return grpc.stream_unary_rpc_method_handler(functools.partial(self._refuse, reason))
+
+    async def _refuse(self, reason: str, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        """A call's handler that reads nothing and ends it with UNAUTHENTICATED."""
+        self.ingest.refuse("unauthenticated")
+        self.authenticator.log_refusal(context.peer(), reason)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"unauthenticated: {reason}")
+
+
 class OTLPGRPCReceiver:
     """`TraceService/Export` in front of the trace buffer."""
 
@@ -67,13 +93,19 @@ class OTLPGRPCReceiver:
         self._idle = asyncio.Event()
 
     async def start(self) -> None:
+        config = self.config
+        tls = None if config.tls is None else load_server_tls(config.tls, _OWNER)
+        auth = (
+            None if config.auth is None else AuthInterceptor(Authenticator(config.auth, _OWNER), self.ingest)
+        )
         server = grpc.aio.server(
+            interceptors=None if auth is None else [auth],
             options=[
                 # grpc checks this limit after decompression too, before the message reaches the handler.
                 ("grpc.max_receive_message_length", self.config.max_request_bytes),
                 # A port another process listens on is a start error, not a silent share of its traffic.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         # Export is unary, but served as request-streaming (one message on the wire either way): the handler
         # then runs from the call's arrival instead of after its message, so shutdown can tell the calls in
@@ -81,7 +113,10 @@ class OTLPGRPCReceiver:
         export = grpc.stream_unary_rpc_method_handler(self._export)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Export": export}),))
         try:
-            port = server.add_insecure_port(self.config.endpoint)
+            if tls is None:
+                port = server.add_insecure_port(config.endpoint)
+            else:
+                port = server.add_secure_port(config.endpoint, tls.grpc_credentials())
         except RuntimeError as error:
             await server.stop(None)
             raise OSError(
@@ -92,7 +127,8 @@ class OTLPGRPCReceiver:
         self._stopping = False
         self.port = port
         host = self.config.endpoint.rpartition(":")[0]
-        log.info("OTLP/gRPC receiver listening on %s:%s", host, port)
+        mode = "plaintext" if tls is None else tls.mode
+        log.info("OTLP/gRPC receiver listening on %s:%s (%s)", host, port, mode)
 
     async def stop(self) -> None:
         """Refuse new calls; calls in progress get `shutdown_grace` seconds to complete, then grpc closes."""
@@ -115,6 +151,13 @@ class OTLPGRPCReceiver:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN, trailing_metadata=_SHUTTING_DOWN_TRAILERS
             )
+        if self.ingest.pressure.overloaded:
+            # Refused before its message is read; the OTLP spec makes RESOURCE_EXHAUSTED retryable only
+            # with RetryInfo.
+            self.ingest.refuse("overloaded")
+            exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+            trailers = retry_later(exhausted, OVERLOADED, self.ingest.pressure.retry_after)
+            await context.abort(exhausted, OVERLOADED, trailing_metadata=trailers)
         self._in_flight += 1
         self._idle.clear()
         try:

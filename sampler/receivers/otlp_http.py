@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from sampler.buffer import IngestResult, SpanBatch
 from sampler.config import OTLPHTTPReceiverConfig
 from sampler.errors import DecodeError
-from sampler.receivers.common import Ingest
+from sampler.receivers.common import OVERLOADED, Ingest, retry_after_header
 from sampler.receivers.http_server import HTTPReceiver, RequestRejected
 from sampler.receivers.otlp_decode import decode_json, decode_protobuf
 
@@ -23,6 +23,9 @@ PROTOCOL = "otlp_http"
 # google.rpc.Code values used in error replies.
 _INVALID_ARGUMENT = 3
 _RESOURCE_EXHAUSTED = 8
+_UNAUTHENTICATED = 16
+# The google.rpc.Code of an error reply, by HTTP status; INVALID_ARGUMENT for the others.
+_RPC_CODES = {401: _UNAUTHENTICATED, 413: _RESOURCE_EXHAUSTED, 429: _RESOURCE_EXHAUSTED}
 _EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
 # JSON bodies above this size are decoded in a worker thread.
 _JSON_INLINE_BYTES = 256 * 1024
@@ -38,14 +41,22 @@ class OTLPHTTPReceiver(HTTPReceiver):
     label = "OTLP/HTTP"
 
     def __init__(self, config: OTLPHTTPReceiverConfig, ingest: Ingest, shutdown_grace: float) -> None:
-        super().__init__(config.endpoint, config.max_request_bytes, ingest, shutdown_grace)
+        super().__init__(config.endpoint, config.max_request_bytes, ingest, shutdown_grace, config)
         self.config = config
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/traces", self.tracked(self.handle_traces))
 
+    def error_reply(self, rejected: RequestRejected, request: web.Request) -> web.Response:
+        return _error_reply(rejected, request.content_type)
+
     async def handle_traces(self, request: web.Request) -> web.Response:
         content_type = request.content_type
+        if self.ingest.pressure.overloaded:
+            self.ingest.refuse("overloaded")
+            reply = _error_reply(RequestRejected(429, "overloaded", OVERLOADED), content_type)
+            reply.headers.update(retry_after_header(self.ingest.pressure.retry_after))
+            return reply
         try:
             decoder = _DECODERS.get(content_type)
             if decoder is None:
@@ -85,7 +96,7 @@ def _success_reply(result: IngestResult, content_type: str) -> web.Response:
 
 def _error_reply(rejected: RequestRejected, content_type: str) -> web.Response:
     """An OTLP error reply: a google.rpc.Status in the request's encoding (JSON when unknown)."""
-    code = _RESOURCE_EXHAUSTED if rejected.status == 413 else _INVALID_ARGUMENT
+    code = _RPC_CODES.get(rejected.status, _INVALID_ARGUMENT)
     status = Status(code=code, message=rejected.message)
     if content_type == PROTOBUF:
         return web.Response(status=rejected.status, body=status.SerializeToString(), content_type=PROTOBUF)

@@ -10,7 +10,7 @@ from aiohttp import hdrs, web
 from sampler.buffer import IngestResult, SpanBatch
 from sampler.config import ZipkinReceiverConfig
 from sampler.errors import DecodeError
-from sampler.receivers.common import Ingest
+from sampler.receivers.common import OVERLOADED, Ingest, retry_after_header
 from sampler.receivers.http_server import HTTPReceiver, RequestRejected
 from sampler.zipkin.spans import ZipkinSpan, parse_json, parse_proto3
 from sampler.zipkin.to_otlp import to_batches
@@ -42,12 +42,17 @@ class ZipkinReceiver(HTTPReceiver):
             max_request_bytes=config.max_request_bytes,
             ingest=ingest,
             shutdown_grace=shutdown_grace,
+            security=config,
         )
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/api/v2/spans", self.tracked(self.handle_spans))
 
     async def handle_spans(self, request: web.Request) -> web.Response:
+        if self.ingest.pressure.overloaded:
+            self.ingest.refuse("overloaded")
+            retry_after = retry_after_header(self.ingest.pressure.retry_after)
+            return web.Response(status=429, text=OVERLOADED, headers=retry_after)
         try:
             batches = await self.read_batches(request)
         except RequestRejected as rejected:
