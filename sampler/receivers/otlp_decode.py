@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
@@ -20,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from sampler.buffer import SpanBatch
 from sampler.errors import DecodeError
+from sampler.json_body import load_json
 from sampler.otlp_wire import TAG_RESOURCE, TAG_SCHEMA_URL, TAG_SCOPE, frame
 
 # Byte fields the OTLP JSON mapping writes as hex, where protobuf's JSON mapping expects base64.
@@ -116,10 +116,7 @@ def _wire(tag: int, payload: bytes, schema_url: str) -> bytes:
 
 def decode_json(body: bytes) -> list[SpanBatch]:
     """Decode a request in the OTLP JSON mapping (hex ids, lowerCamelCase or snake_case keys)."""
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError) as error:
-        raise DecodeError(f"malformed JSON: {error}") from None
+    document = load_json(body)
     if not isinstance(document, dict):
         raise DecodeError("malformed JSON: the body must be an object (ExportTraceServiceRequest)")
     _hex_ids_to_base64(document)

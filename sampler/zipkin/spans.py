@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
 from sampler.errors import DecodeError
+from sampler.json_body import load_json
 from sampler.zipkin import KINDS
 
 # Above this many microseconds a time no longer fits OTLP's fixed64 nanoseconds.
@@ -54,17 +55,10 @@ class ZipkinSpan:
 
 def parse_json(body: bytes) -> list[ZipkinSpan]:
     """Read a Zipkin JSON v2 body: a list of span objects."""
-    document = _load_json(body)
+    document = load_json(body)
     if not isinstance(document, list):
         raise DecodeError(f"the body must be a JSON array of Zipkin v2 spans, got {_json_type(document)}")
     return [_span_from_json(index, item) for index, item in enumerate(document)]
-
-
-def _load_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as error:
-        raise DecodeError(f"malformed JSON: {error}") from None
 
 
 def _json_type(value: Any) -> str:

@@ -14,6 +14,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from sampler.buffer import SpanBatch
+from sampler.json_body import has_lone_surrogate, may_hold_lone_surrogate
 from sampler.otlp_wire import TAG_RESOURCE, TAG_SCOPE, frame
 from sampler.zipkin import Attribute, Tag
 from sampler.zipkin.spans import ZipkinSpan
@@ -202,10 +203,11 @@ def _add_link(span: Span, value: str) -> bool:
         span_id = bytes.fromhex(span_hex)
     except ValueError:
         return False
-    if len(trace_id) != 16 or len(span_id) != 8 or attributes is None or not _is_count(dropped):
+    dropped_count = _count(dropped)
+    if len(trace_id) != 16 or len(span_id) != 8 or attributes is None or dropped_count is None:
         return False
     link = span.links.add(trace_id=trace_id, span_id=span_id, trace_state=trace_state)
-    link.dropped_attributes_count = min(int(dropped), _MAX_DROPPED)
+    link.dropped_attributes_count = dropped_count
     for key, item in attributes.items():
         _set_value(link.attributes.add(key=key).value, item)
     return True
@@ -257,8 +259,9 @@ def _annotation_parts(value: str) -> tuple[str, dict[str, Any], int]:
         name, _, rest = value.partition("|")
         attributes_json, _, dropped = rest.rpartition("|")
         attributes = _json_object(attributes_json)
-        if attributes is not None and _is_count(dropped):
-            return name, attributes, min(int(dropped), _MAX_DROPPED)
+        dropped_count = _count(dropped)
+        if attributes is not None and dropped_count is not None:
+            return name, attributes, dropped_count
     return value, {}, 0
 
 
@@ -269,11 +272,18 @@ def _json_object(text: str) -> dict[str, Any] | None:
         document = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    return document if isinstance(document, dict) else None
+    if not isinstance(document, dict) or (may_hold_lone_surrogate(text) and has_lone_surrogate(document)):
+        return None
+    return document
 
 
-def _is_count(text: str) -> bool:
-    return text.isascii() and text.isdigit()
+def _count(text: str) -> int | None:
+    """A dropped-attributes count written in decimal, capped at uint32; None when `text` is not one."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    # int() refuses over 4300 digits; any count over 10 digits is above the cap anyway.
+    return _MAX_DROPPED if len(digits) > 10 else min(int(digits or "0"), _MAX_DROPPED)
 
 
 def _set_value(target: AnyValue, value: Any, depth: int = 0) -> None:
