@@ -12,7 +12,7 @@ import aiohttp
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from sampler.config import OTLPHTTPExporterConfig, SendingExporterConfig
+from sampler.config import OTLPHTTPExporterConfig, SendingExporterConfig, ZipkinExporterConfig
 from sampler.errors import ExportError
 from sampler.exporters.retry import Retryable, RetryingExporter
 from sampler.metrics import Metrics
@@ -96,38 +96,42 @@ def rejected_spans(body: bytes, content_type: str) -> tuple[int, str]:
     return int(partial.rejected_spans), str(partial.error_message)
 
 
-class OTLPHTTPExporter(RetryingExporter):
-    """Sends batches as `application/x-protobuf` POSTs over one aiohttp session."""
+class HTTPPostExporter(RetryingExporter):
+    """Sends each batch as one POST to `config.endpoint` over one aiohttp session: what the HTTP
+    exporters share. Subclasses set `content_type` and read successful replies in `accepted`."""
 
-    def __init__(self, name: str, config: OTLPHTTPExporterConfig, metrics: Metrics) -> None:
+    content_type: str
+
+    def __init__(
+        self, name: str, config: OTLPHTTPExporterConfig | ZipkinExporterConfig, metrics: Metrics
+    ) -> None:
         super().__init__(name, config, metrics)
-        self.config = config
+        self._endpoint = config.endpoint
+        self._timeout = config.timeout
+        self._http_config: SendingExporterConfig = config
         self._session: aiohttp.ClientSession | None = None
         self._server_name = server_name(config)
-        self._headers = {**config.headers, "Content-Type": "application/x-protobuf"}
+        self._headers = {**config.headers, "Content-Type": self.content_type}
         if config.compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"
 
     async def open(self) -> None:
-        self._session = http_session(self.name, self.config, self._headers)
+        self._session = http_session(self.name, self._http_config, self._headers)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
-    async def encode(self, body: bytes) -> bytes:
-        if self.config.compression != "gzip":
-            return body
-        if len(body) > THREAD_COMPRESS_BYTES:
-            return await asyncio.to_thread(gzip_compress, body)
-        return gzip_compress(body)
+    def accepted(self, reply: bytes, content_type: str, span_count: int) -> int:
+        """How many spans a 2xx reply says were rejected."""
+        return 0
 
     async def attempt(self, payload: bytes, span_count: int) -> int:
         if self._session is None:
             raise ExportError("exporter not started")
         try:
-            post = self._session.post(self.config.endpoint, data=payload, server_hostname=self._server_name)
+            post = self._session.post(self._endpoint, data=payload, server_hostname=self._server_name)
             async with post as response:
                 reply = await response.read()
                 status = response.status
@@ -136,12 +140,32 @@ class OTLPHTTPExporter(RetryingExporter):
         except aiohttp.ClientError as error:
             raise transport_failure(error) from None
         except TimeoutError:
-            raise Retryable(f"no reply within {self.config.timeout:g}s") from None
+            raise Retryable(f"no reply within {self._timeout:g}s") from None
         if 200 <= status < 300:
-            rejected, message = rejected_spans(reply, content_type)
-            self.log_rejected(rejected, span_count, message)
-            return rejected
+            return self.accepted(reply, content_type, span_count)
         raise http_failure(status, retry_after, error_message(reply, content_type))
+
+
+class OTLPHTTPExporter(HTTPPostExporter):
+    """Sends batches as `application/x-protobuf` POSTs."""
+
+    content_type = "application/x-protobuf"
+
+    def __init__(self, name: str, config: OTLPHTTPExporterConfig, metrics: Metrics) -> None:
+        super().__init__(name, config, metrics)
+        self.config = config
+
+    async def encode(self, body: bytes) -> bytes:
+        if self.config.compression != "gzip":
+            return body
+        if len(body) > THREAD_COMPRESS_BYTES:
+            return await asyncio.to_thread(gzip_compress, body)
+        return gzip_compress(body)
+
+    def accepted(self, reply: bytes, content_type: str, span_count: int) -> int:
+        rejected, message = rejected_spans(reply, content_type)
+        self.log_rejected(rejected, span_count, message)
+        return rejected
 
 
 def http_failure(status: int, retry_after: str | None, text: str) -> Exception:
