@@ -59,13 +59,11 @@ class Gateway:
         self.capture = (
             None if config.capture is None else FileExporter("capture", config.capture, self.metrics)
         )
-        self.receivers = build_receivers(
-            config, self.buffer, self.metrics, self.decider.count_late, self.capture
-        )
         # `memory:`: stress relief, and the flag receivers check to refuse requests when overloaded.
         self.pressure = build_pressure(config, self.buffer, self.exporters, self.decisions, self.metrics)
-        for receiver in self.receivers:
-            receiver.ingest.pressure = self.pressure
+        self.receivers = build_receivers(
+            config, self.buffer, self.metrics, self.decider.count_late, self.capture, self.pressure
+        )
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
         self.reloader = (

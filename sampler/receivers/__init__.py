@@ -8,6 +8,7 @@ from sampler.buffer import IngestResult, TraceBuffer
 from sampler.config import Config
 from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
+from sampler.pressure import Pressure
 from sampler.receivers.common import Ingest, Receiver
 from sampler.receivers.otlp_grpc import OTLPGRPCReceiver
 from sampler.receivers.otlp_http import OTLPHTTPReceiver
@@ -22,6 +23,7 @@ def build_receivers(
     metrics: Metrics,
     count_late: Callable[[IngestResult], None],
     capture: Exporter | None = None,
+    pressure: Pressure | None = None,
 ) -> list[Receiver]:
     """One receiver per configured block, all feeding `buffer` on the running event loop (and `capture`,
     if given, with every span they accept)."""
@@ -29,7 +31,7 @@ def build_receivers(
     grace = config.shutdown_timeout / 4
 
     def ingest(protocol: str) -> Ingest:
-        return Ingest(protocol, buffer, metrics, count_late, capture)
+        return Ingest(protocol, buffer, metrics, count_late, capture, pressure)
 
     receivers: list[Receiver] = []
     otlp = config.receivers.otlp

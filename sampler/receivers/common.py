@@ -40,6 +40,7 @@ class Ingest:
         metrics: Metrics,
         count_late: Callable[[IngestResult], None],
         capture: Exporter | None = None,
+        pressure: Pressure | None = None,
     ) -> None:
         self.protocol = protocol
         self.buffer = buffer
@@ -51,7 +52,7 @@ class Ingest:
         # Where every decoded span is also written before sampling (`capture:`), if anywhere.
         self.capture = capture
         # Receivers refuse a request, before reading it, while `pressure.overloaded` (`memory:`).
-        self.pressure = Pressure()
+        self.pressure = Pressure() if pressure is None else pressure
 
     def add(self, batches: list[SpanBatch]) -> IngestResult:
         """Buffer the spans of one decoded request; every receiver goes through here."""
