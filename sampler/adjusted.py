@@ -2,7 +2,8 @@
 (OpenTelemetry consistent probability sampling) and as the `tailgate.sample_rate` attribute (1/p).
 
 Written at the wire level: a span's bytes get a trace_state field and an attribute appended (protobuf
-takes the last occurrence of a singular field), so a kept span is never re-encoded as a whole.
+takes the last occurrence of a singular field), so a kept span is never re-encoded as a whole. Also the
+attribute limits of kept spans, which re-encode only the spans over them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import struct
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client import Counter
 
 from sampler.otlp_wire import frame, iter_fields, span_prefix
 
@@ -189,3 +193,135 @@ def _replaced(span: Span, found: _Found) -> bytes:
     copy.attributes.add(key=SAMPLE_RATE_KEY).value.double_value = found.rate
     copy.trace_state = found.trace_state
     return copy.SerializeToString()
+
+
+class AttributeLimits:
+    """Cuts kept spans to attribute limits, as the OTel SDK's span limits: the first `max_attributes` of
+    a span's (an event's, a link's) attributes stay and its `dropped_attributes_count` counts the rest;
+    string values longer than `max_value_length` characters, bytes values longer than that many bytes,
+    are cut to it (also inside arrays and key-value lists). 0 = no limit.
+
+    A span within the limits is left as it arrived; one over them is re-encoded. `dropped` and
+    `shortened` count the attributes left out and the values cut.
+    """
+
+    def __init__(
+        self, max_attributes: int, max_value_length: int, dropped: Counter, shortened: Counter
+    ) -> None:
+        self.max_attributes = max_attributes
+        self.max_value_length = max_value_length
+        self._dropped = dropped
+        self._shortened = shortened
+
+    def limit_run(self, entries: bytes, spans: Sequence[Span]) -> tuple[bytes, Sequence[Span]]:
+        """Framed spans (`ScopeSpans.spans` entries) and the same spans parsed, with the spans over the
+        limits cut; the input itself when no span is over them."""
+        over = [index for index, span in enumerate(spans) if self._exceeds(span)]
+        if not over:
+            return entries, spans
+        limited = list(spans)
+        # The entries are spans only, back to back: an entry starts where the one before it ends.
+        ends = [0, *(end for _, _, end in iter_fields(entries))]
+        parts: list[bytes | memoryview] = []
+        view = memoryview(entries)
+        done = 0
+        for index in over:
+            limited[index] = span = self._limited(spans[index])
+            payload = span.SerializeToString()
+            parts += (view[done : ends[index]], span_prefix(len(payload)), payload)
+            done = ends[index + 1]
+        parts.append(view[done:])
+        return b"".join(parts), limited
+
+    def limit_span(self, payload: bytes, span: Span) -> tuple[bytes, Span]:
+        """One span's bytes (unframed) and the span parsed, cut to the limits when over them."""
+        if not self._exceeds(span):
+            return payload, span
+        limited = self._limited(span)
+        return limited.SerializeToString(), limited
+
+    def _exceeds(self, span: Span) -> bool:
+        """Whether a span is over the limits: counts first, values only when the span is long enough to
+        hold one that is too long."""
+        count = self.max_attributes
+        if count and (
+            len(span.attributes) > count
+            or any(len(event.attributes) > count for event in span.events)
+            or any(len(link.attributes) > count for link in span.links)
+        ):
+            return True
+        length = self.max_value_length
+        # A value of more than `length` characters takes more than `length` bytes.
+        if length and span.ByteSize() > length:
+            return any(_too_long(kv.value, length) for kv in _all_attributes(span))
+        return False
+
+    def _limited(self, span: Span) -> Span:
+        """A copy of a span over the limits, cut to them, counted."""
+        copy = Span()
+        copy.CopyFrom(span)
+        dropped, shortened = self._limit(copy.attributes)
+        copy.dropped_attributes_count += dropped
+        parts: list[Span.Event | Span.Link] = [*copy.events, *copy.links]
+        for part in parts:
+            part_dropped, part_shortened = self._limit(part.attributes)
+            part.dropped_attributes_count += part_dropped
+            dropped += part_dropped
+            shortened += part_shortened
+        if dropped:
+            self._dropped.inc(dropped)
+        if shortened:
+            self._shortened.inc(shortened)
+        return copy
+
+    def _limit(self, attributes: RepeatedCompositeFieldContainer[KeyValue]) -> tuple[int, int]:
+        """Cut one attribute list in place; returns how many attributes were left out, how many values
+        were cut."""
+        dropped = 0
+        count = self.max_attributes
+        if count and len(attributes) > count:
+            dropped = len(attributes) - count
+            del attributes[count:]
+        shortened = 0
+        if self.max_value_length:
+            shortened = sum(_shorten(kv.value, self.max_value_length) for kv in attributes)
+        return dropped, shortened
+
+
+def _all_attributes(span: Span) -> list[KeyValue]:
+    """A span's attributes and those of its events and links."""
+    attributes = list(span.attributes)
+    parts: list[Span.Event | Span.Link] = [*span.events, *span.links]
+    for part in parts:
+        attributes.extend(part.attributes)
+    return attributes
+
+
+def _too_long(value: AnyValue, length: int) -> bool:
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return len(value.string_value) > length
+    if kind == "bytes_value":
+        return len(value.bytes_value) > length
+    if kind == "array_value":
+        return any(_too_long(item, length) for item in value.array_value.values)
+    if kind == "kvlist_value":
+        return any(_too_long(kv.value, length) for kv in value.kvlist_value.values)
+    return False
+
+
+def _shorten(value: AnyValue, length: int) -> int:
+    """Cut a value in place to `length` characters (a string, on a character boundary) or bytes (bytes),
+    also inside arrays and key-value lists; returns how many values were cut."""
+    kind = value.WhichOneof("value")
+    if kind == "string_value" and len(value.string_value) > length:
+        value.string_value = value.string_value[:length]
+        return 1
+    if kind == "bytes_value" and len(value.bytes_value) > length:
+        value.bytes_value = value.bytes_value[:length]
+        return 1
+    if kind == "array_value":
+        return sum(_shorten(item, length) for item in value.array_value.values)
+    if kind == "kvlist_value":
+        return sum(_shorten(kv.value, length) for kv in value.kvlist_value.values)
+    return 0

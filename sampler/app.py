@@ -48,6 +48,7 @@ class Gateway:
             sampling.sample_on_first_match,
             sampling.drop_pending_traces_on_shutdown,
             sampling.adjusted_counts,
+            attribute_limits=sampling.attribute_limits,
         )
         self.buffer.connect(self.decider.decide_safely, self.decider.forward_late)
         self.metrics.watch_buffer(

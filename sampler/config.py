@@ -166,6 +166,16 @@ class DecisionCacheConfig(Model):
     non_sampled_cache_size: CacheSize = 100_000
 
 
+class AttributeLimitsConfig(Model):
+    """Limits on the attributes of forwarded spans, as the OTel SDK's OTEL_ATTRIBUTE_COUNT_LIMIT and
+    OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT; 0 = no limit."""
+
+    # Per span, and per event and link of it: the first this many attributes are kept.
+    max_attributes_per_span: CacheSize = 0
+    # Characters of a string value, bytes of a bytes value (also inside arrays and key-value lists).
+    max_attribute_value_length: CacheSize = 0
+
+
 class TailSamplingConfig(Model):
     """The OTel Collector's `tail_sampling` block, plus tailgate's buffer limits."""
 
@@ -186,6 +196,7 @@ class TailSamplingConfig(Model):
     maximum_trace_size_bytes: CacheSize = 0
     # Write each kept span's keep probability: the tracestate `ot=th:` threshold and tailgate.sample_rate.
     adjusted_counts: bool = True
+    attribute_limits: AttributeLimitsConfig = AttributeLimitsConfig()
     # Collector options tailgate accepts without acting on them; `unsupported_options` says why.
     expected_new_traces_per_sec: CacheSize = 0
     block_on_overflow: bool = False

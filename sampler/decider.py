@@ -10,11 +10,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
 from policies.base import Decision, Policy, TraceView, Weighted
 from policies.combine import deciding_policy
-from sampler.adjusted import MAX_ADJUSTED_COUNT, AdjustedCounts
-from sampler.buffer import DecisionCache, IngestResult, Kept, LateSpan, Trace, TraceBuffer
-from sampler.config import TailSamplingConfig
+from sampler.adjusted import MAX_ADJUSTED_COUNT, AdjustedCounts, AttributeLimits
+from sampler.buffer import DecisionCache, IngestResult, Kept, LateSpan, RewriteRun, Trace, TraceBuffer
+from sampler.config import AttributeLimitsConfig, TailSamplingConfig
 from sampler.exporters.base import Exporter
 from sampler.logthrottle import LogThrottle
 from sampler.metrics import Metrics
@@ -52,6 +54,7 @@ class Decider:
         drop_pending_on_shutdown: bool = False,
         adjusted_counts: bool = True,
         observer: DecisionObserver | None = None,
+        attribute_limits: AttributeLimitsConfig | None = None,
     ) -> None:
         self.buffer = buffer
         self.policies = list(policies)
@@ -65,6 +68,8 @@ class Decider:
         self.drop_pending_on_shutdown = drop_pending_on_shutdown
         self._adjusted: AdjustedCounts | None = None
         self.use_policies(policies, sample_on_first_match, adjusted_counts)
+        self._limits: AttributeLimits | None = None
+        self.use_limits(attribute_limits or AttributeLimitsConfig())
         # Traces buffered when a reload added attribute keys: their earlier spans are read for those keys
         # when they are decided (see `reconfigure`).
         self._stale_attributes: set[Trace] = set()
@@ -100,6 +105,18 @@ class Decider:
             for policy in self.policies
         ]
 
+    def use_limits(self, limits: AttributeLimitsConfig) -> None:
+        """Cut kept spans to these attribute limits from the next decision on."""
+        self._limits = None
+        if limits.max_attributes_per_span or limits.max_attribute_value_length:
+            counter = self.metrics.truncated_attributes
+            self._limits = AttributeLimits(
+                limits.max_attributes_per_span,
+                limits.max_attribute_value_length,
+                counter.labels("dropped"),
+                counter.labels("shortened"),
+            )
+
     def reconfigure(self, policies: Sequence[Policy], settings: TailSamplingConfig) -> None:
         """Switch to a reloaded `tail_sampling` block (its decision cache sizes aside).
 
@@ -110,6 +127,7 @@ class Decider:
         """
         added = attribute_keys(policies) - attribute_keys(self.policies)
         self.use_policies(policies, settings.sample_on_first_match, settings.adjusted_counts)
+        self.use_limits(settings.attribute_limits)
         self.tick = settings.decision_tick
         self.record_policy = settings.record_policy
         self.drop_pending_on_shutdown = settings.drop_pending_traces_on_shutdown
@@ -187,17 +205,31 @@ class Decider:
         self.decisions.record(trace.trace_id, kept)
         if not exports:
             return 0
-        adjusted = self._adjusted
-        rewrite = None
-        if adjusted is not None:
-            rewrite = partial(adjusted.rewrite_run, tail_probability=kept.probability)
-        groups, invalid = trace.span_groups(rewrite)
+        groups, invalid = trace.span_groups(self._rewrite(kept.probability))
         if groups:
             # One call per trace: exporters batch and bound their queues by whole traces.
             groups = self._mark(kept.policy, groups)
             for export in exports:
                 export(groups, trace.span_count - invalid)
         return invalid
+
+    def _rewrite(self, tail_probability: float) -> RewriteRun | None:
+        """What to do to a kept trace's framed spans before export: cut them to the attribute limits,
+        then write their adjusted counts; None when neither is on."""
+        adjusted, limits = self._adjusted, self._limits
+        if adjusted is None and limits is None:
+            return None
+        if limits is None:
+            assert adjusted is not None
+            return partial(adjusted.rewrite_run, tail_probability=tail_probability)
+
+        def rewrite(entries: bytes, spans: Sequence[Span]) -> bytes:
+            entries, spans = limits.limit_run(entries, spans)
+            if adjusted is None:
+                return entries
+            return adjusted.rewrite_run(entries, spans, tail_probability)
+
+        return rewrite
 
     def _keep_probability(self, index: int, trace: Trace) -> float:
         """The probability with which policy `index` keeps traces like `trace`: its `keep_probability`
@@ -292,9 +324,11 @@ class Decider:
         """Send late spans of kept traces straight to the exporters, marked as their trace was."""
         if not self.exporters:
             return
-        adjusted = self._adjusted
+        adjusted, limits = self._adjusted, self._limits
         groups: list[SpanGroup] = []
         for (policy, probability), scope, payload, span in spans:
+            if limits is not None:
+                payload, span = limits.limit_span(payload, span)
             if adjusted is None:
                 framed = span_prefix(len(payload)) + payload
             else:

@@ -126,6 +126,13 @@ class Metrics:
             "Spans of kept traces (or late spans of them) left out because they are not valid OTLP.",
             registry=r,
         )
+        self.truncated_attributes = Counter(
+            "tailgate_truncated_attributes",
+            "Attributes of forwarded spans over tail_sampling.attribute_limits, by kind (dropped: left out "
+            "over the count limit, shortened: a value cut to the length limit).",
+            ["kind"],
+            registry=r,
+        )
         self.buffered_traces = Gauge("tailgate_buffered_traces", "Traces waiting for a decision.", registry=r)
         self.buffered_spans = Gauge(
             "tailgate_buffered_spans", "Spans waiting for their trace's decision.", registry=r
