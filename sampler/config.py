@@ -412,6 +412,74 @@ class ReloadConfig(Model):
     interval: PositiveSeconds = 2.0
 
 
+class WALConfig(Model):
+    """The write-ahead log of `durability: wal`: accepted requests are appended here before they are
+    acknowledged, and replayed after a crash."""
+
+    directory: str = "tailgate-wal"
+    # When a reply waits for the disk: `always` fsyncs before answering (group commit), `batch` at most
+    # every 100 ms in the background, `never` leaves it to the OS (still safe against a killed process).
+    fsync: Literal["always", "batch", "never"] = "batch"
+    # Beyond this on disk, receivers refuse requests (429 / RESOURCE_EXHAUSTED) until exports catch up.
+    max_bytes: Count = 1 << 30
+    segment_bytes: Count = 64 << 20
+    # How often decided and exported traces are checkpointed and their segments deleted.
+    checkpoint_interval: PositiveSeconds = 1.0
+
+
+class RedisMembershipConfig(Model):
+    """Cluster membership through a Redis server: heartbeat keys with a TTL, pub/sub for changes."""
+
+    # host:port, or a redis:// / rediss:// / unix:// URL.
+    address: str = "127.0.0.1:6379"
+    username: str | None = None
+    password: SecretStr | None = None
+    db: Annotated[int, Field(ge=0)] = 0
+    key_prefix: str = "tailgate"
+    # How often a member renews its key; it is gone for the others `timeout` after its last renewal.
+    heartbeat: PositiveSeconds = 1.0
+    timeout: PositiveSeconds = 5.0
+
+    @model_validator(mode="after")
+    def _timeout_after_heartbeat(self) -> RedisMembershipConfig:
+        if self.timeout <= self.heartbeat:
+            raise ValueError("timeout must be longer than heartbeat")
+        return self
+
+
+class ForwardConfig(Model):
+    """Spans sent on to the member that owns their trace: batched per peer by size and time."""
+
+    max_batch_bytes: Count = 1 << 20
+    max_delay: PositiveSeconds = 0.02
+    # Bytes waiting per peer at most; beyond it a request whose spans cannot be queued is refused (503).
+    queue_bytes: Count = 64 << 20
+    timeout: PositiveSeconds = 5.0
+
+
+class ClusterConfig(Model):
+    """Membership of a cluster of gateways: each trace id is owned by exactly one member."""
+
+    # Where this member listens for spans forwarded by its peers.
+    endpoint: Endpoint = "127.0.0.1:4319"
+    # How peers reach this member (its id in the member list); the endpoint when not set.
+    advertise: str | None = None
+    # Static membership: every member's advertised address, this one's included. Or `redis`.
+    peers: list[str] = Field(default_factory=list)
+    redis: RedisMembershipConfig | None = None
+    forward: ForwardConfig = ForwardConfig()
+
+    @model_validator(mode="after")
+    def _one_membership(self) -> ClusterConfig:
+        if bool(self.peers) == (self.redis is not None):
+            raise ValueError("set exactly one of peers (a static list) and redis")
+        return self
+
+    @property
+    def member_id(self) -> str:
+        return self.advertise or self.endpoint
+
+
 class AdminConfig(Model):
     endpoint: Endpoint = "127.0.0.1:8888"
 
@@ -427,6 +495,12 @@ class Config(Model):
     capture: FileExporterConfig | None = None
     memory: MemoryConfig = MemoryConfig()
     reload: ReloadConfig = ReloadConfig()
+    # `wal`: accepted requests are written ahead to `wal.directory` and survive a crash.
+    durability: Literal["none", "wal"] = "none"
+    wal: WALConfig = WALConfig()
+    # Processes serving the same ports (SO_REUSEPORT), each owning a share of the trace ids.
+    workers: Annotated[int, BeforeValidator(_not_bool), Field(ge=1, le=64)] = 1
+    cluster: ClusterConfig | None = None
     shutdown_timeout: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
