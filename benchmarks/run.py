@@ -57,7 +57,7 @@ exporters:
   otlp_http:
     endpoint: "http://{host}:{downstream_port}/v1/traces"
     compression: none
-"""
+{extra}"""
 
 
 class BenchError(Exception):
@@ -361,6 +361,7 @@ class Bench:
                 grpc_port=ports["grpc"],
                 admin_port=admin_port,
                 downstream_port=downstream_port,
+                extra=tail.pop("extra", ""),
                 **tail,
             )
         )
@@ -386,9 +387,13 @@ class Bench:
             raise BenchError(f"GET /metrics answered {status}")
         return body.decode()
 
-    def run_gateway(self, downstream_port: int, protocol: str = "http") -> dict[str, Any]:
-        self.log(f"-- gateway over OTLP/{protocol}: full pipeline, {self.args.duration:.0f}s of load")
+    def run_gateway(self, downstream_port: int, protocol: str = "http", wal: bool = False) -> dict[str, Any]:
+        fsync = self.args.wal_fsync
+        durable = f", durability: wal (fsync: {fsync})" if wal else ""
+        seconds = self.args.duration
+        self.log(f"-- gateway over OTLP/{protocol}{durable}: full pipeline, {seconds:.0f}s of load")
         decision_wait = 2.0
+        directory = tempfile.mkdtemp(prefix="wal-", dir=self.tmp)
         config, ports, admin_port = self.gateway_config(
             "gateway",
             downstream_port,
@@ -396,6 +401,7 @@ class Bench:
             root_wait="0.5s",
             num_traces=200_000,
             max_buffered_spans=4_000_000,
+            extra=f"durability: wal\nwal: {{directory: {directory}, fsync: {fsync}}}\n" if wal else "",
         )
         gateway = self.start_gateway("gateway", config, admin_port)
         try:
@@ -524,11 +530,14 @@ class Bench:
                 # round, not one side; the round with the median ratio is reported.
                 rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]] = []
                 grpc_rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]] = []
+                wal_rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]] = []
                 for _ in range(args.rounds):
                     probe = self.run_probe("group")
                     rounds.append(_versus(probe, self.run_gateway(downstream_port)))
                     if not args.skip_grpc:
                         grpc_rounds.append(_versus(probe, self.run_gateway(downstream_port, "grpc")))
+                    if not args.skip_wal:
+                        wal_rounds.append(_versus(probe, self.run_gateway(downstream_port, wal=True)))
                 _, report["probe"], report["gateway"], report["ratio"] = _median(rounds)
                 report["ratio_rounds"] = sorted(round(item[0], 3) for item in rounds)
                 if grpc_rounds:
@@ -536,6 +545,14 @@ class Bench:
                         grpc_rounds
                     )
                     report["ratio_grpc_rounds"] = sorted(round(item[0], 3) for item in grpc_rounds)
+                if wal_rounds:
+                    median = _median(wal_rounds)
+                    _, report["probe_wal_round"], report["gateway_wal"], report["ratio_wal"] = median
+                    report["ratio_wal_rounds"] = sorted(round(item[0], 3) for item in wal_rounds)
+                    # Per round, the WAL gateway against the plain one measured against the same probe.
+                    report["wal_cost_rounds"] = sorted(
+                        round(1 - wal[0] / plain[0], 3) for plain, wal in zip(rounds, wal_rounds, strict=True)
+                    )
                 if not args.skip_memory:
                     report["memory"] = self.run_memory(downstream_port)
             finally:
@@ -590,6 +607,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("probe", "limit probe"),
         ("gateway", "gateway (full pipeline)"),
         ("gateway_grpc", "gateway over OTLP/gRPC"),
+        ("gateway_wal", "gateway, durability: wal"),
     )
     memory = report.get("memory")
     runs = [(label, report.get(key)) for key, label in rows]
@@ -606,6 +624,7 @@ def print_table(report: dict[str, Any]) -> None:
     for key, label, note in (
         ("ratio", "gateway / probe", f"goal ≥ {RATIO_GOAL}x"),
         ("ratio_grpc", "gateway over gRPC / probe", "same HTTP probe, same rounds"),
+        ("ratio_wal", "gateway with WAL / probe", "same probe, same rounds"),
     ):
         ratio = report.get(key)
         if ratio:
@@ -617,6 +636,11 @@ def print_table(report: dict[str, Any]) -> None:
             if len(rounds) > 1:
                 listed = ", ".join(f"{value:.2f}" for value in rounds)
                 print(f"  spans/CPU-s ratio by round (sorted): {listed}; the median round is shown above")
+    cost = report.get("wal_cost_rounds")
+    if cost:
+        listed = ", ".join(f"{value:.1%}" for value in cost)
+        median_cost = cost[len(cost) // 2]
+        print(f"write-ahead log cost in spans/CPU-s, by round (sorted): {listed}; median {median_cost:.1%}")
     empty = report.get("empty")
     if empty and empty["loadgen_cpu_utilization"] > 0.9:
         print("note: the load generator is saturated against the empty handler; that row is its ceiling")
@@ -665,6 +689,8 @@ def main() -> int:
     parser.add_argument("--skip-gateway", action="store_true")
     parser.add_argument("--skip-grpc", action="store_true", help="no OTLP/gRPC runs")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-wal", action="store_true", help="no durability: wal runs")
+    parser.add_argument("--wal-fsync", choices=["always", "batch", "never"], default="batch")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
 

@@ -13,11 +13,14 @@ from sampler.admin import AdminServer
 from sampler.buffer import DecisionCache, TraceBuffer
 from sampler.config import Config
 from sampler.decider import Decider, attribute_keys
+from sampler.errors import DecodeError
 from sampler.exporters import Exporter, FileExporter, build_exporters
 from sampler.metrics import Metrics
 from sampler.pressure import build_pressure
 from sampler.receivers import build_receivers
+from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.reload import ConfigReloader, live_config, rebuild_policies
+from sampler.wal import WriteAheadLog, replay_decisions
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +65,14 @@ class Gateway:
         )
         # `memory:`: stress relief, and the flag receivers check to refuse requests when overloaded.
         self.pressure = build_pressure(config, self.buffer, self.exporters, self.decisions, self.metrics)
+        # `durability: wal`: requests written ahead before they are buffered, replayed after a crash.
+        self.wal = (
+            WriteAheadLog(config.wal, self.metrics, self.buffer, self.decisions, self.exporters)
+            if config.durability == "wal"
+            else None
+        )
         self.receivers = build_receivers(
-            config, self.buffer, self.metrics, self.decider.count_late, self.capture, self.pressure
+            config, self.buffer, self.metrics, self.decider.count_late, self.capture, self.pressure, self.wal
         )
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
@@ -79,6 +88,8 @@ class Gateway:
         for exporter in self._all_exporters():
             await exporter.start()
         self.decider.start()
+        if self.wal is not None:
+            await self._replay(self.wal)
         for receiver in self.receivers:
             await receiver.start()
         # After the receivers: their servers are part of the footprint at start that RSS is measured from.
@@ -97,6 +108,8 @@ class Gateway:
                 await self.reloader.stop()
             for receiver in self.receivers:
                 await receiver.stop()
+            if self.wal is not None:
+                self.wal.stop_checkpoints()
             await self.pressure.stop()
             buffered = len(self.buffer.traces)
             await self.decider.stop(deadline)
@@ -105,7 +118,35 @@ class Gateway:
             # Together: each flushes for the whole time left, whatever the others do.
             remaining = max(0.0, deadline - time.monotonic())
             await asyncio.gather(*(exporter.shutdown(remaining) for exporter in self._all_exporters()))
+            if self.wal is not None:
+                await self.wal.close()
             await self.admin.stop()
+
+    async def _replay(self, wal: WriteAheadLog) -> None:
+        """Open the write-ahead log and buffer again what a previous run accepted and did not finish: its
+        logged decisions first, so that spans of traces decided then follow those decisions."""
+        replay = await wal.open()
+        replay_decisions(self.decisions, replay)
+        spans = 0
+        for seq, body in replay.requests:
+            try:
+                batches = decode_protobuf(body)
+            except DecodeError:
+                continue  # a record that passed its CRC holds what a receiver decoded: not expected
+            self.buffer.seq = seq
+            result = self.buffer.add_spans(batches)
+            self.decider.count_late(result)
+            spans += result.accepted
+        wal.count_replayed(spans)
+        wal.start()
+        if replay.requests or replay.decisions:
+            log.info(
+                "write-ahead log: replayed %d requests (%d spans) and %d decisions from %s",
+                len(replay.requests),
+                spans,
+                len(replay.decisions),
+                wal.directory,
+            )
 
     def apply_config(self, loaded: Config) -> None:
         """Run a reloaded config: everything but the restart-only sections (sampler/reload.py), which keep

@@ -49,6 +49,7 @@ class Trace:
         "_parsed",
         "attributes",
         "deadline",
+        "first_seq",
         "items",
         "max_end_ns",
         "nbytes",
@@ -57,9 +58,11 @@ class Trace:
         "trace_id",
     )
 
-    def __init__(self, trace_id: bytes, deadline: float) -> None:
+    def __init__(self, trace_id: bytes, deadline: float, first_seq: int = 0) -> None:
         self.trace_id = trace_id
         self.deadline = deadline
+        # The write-ahead log's number of the request that started the trace (0 without the log).
+        self.first_seq = first_seq
         # Alternating Scope and run: the framed spans (TAG_SPANS, length, Span bytes) of that scope
         # that arrived in one request, joined into one bytes object.
         self.items: list[bytes | Scope] = []
@@ -244,9 +247,13 @@ class DecisionCache:
         self.dropped: LRUCache[bytes, bool] | None = LRUCache(non_sampled_size) if non_sampled_size else None
         # Most kept traces share a handful of (policy, probability) pairs: one object each.
         self._interned: dict[Kept, Kept] = {}
+        # With the write-ahead log: where each decision is also noted, for the log to write.
+        self.journal: list[tuple[bytes, Kept | None]] | None = None
 
     def record(self, trace_id: bytes, kept: Kept | None) -> None:
         """Remember a decision; `kept` is None for dropped."""
+        if self.journal is not None:
+            self.journal.append((trace_id, kept))
         if kept is not None:
             if self.kept is not None:
                 interned = self._interned.get(kept)
@@ -288,6 +295,7 @@ class IngestResult:
     late_dropped: int = 0
     late_invalid: int = 0  # late spans of kept traces left out as not valid OTLP
     late: list[LateSpan] = field(default_factory=list)
+    seq: int = -1  # the request's number in the write-ahead log, if there is one
 
 
 # The decider's entry points, injected so the buffer never imports downstream modules.
@@ -310,8 +318,11 @@ class TraceBuffer:
         self.settings = settings
         self.decisions = decisions
         self.clock = clock
+        # In order of first arrival (the write-ahead log relies on it).
         self.traces: dict[bytes, Trace] = {}
         self.span_count = 0
+        # The write-ahead log's number of the request being added (traces it starts take it).
+        self.seq = 0
         # Serialized (framed) bytes of buffered spans, for the tailgate_buffered_bytes gauge.
         self.byte_count = 0
         # Deadline queues, each in deadline order by construction (monotonic clock, one wait each):
@@ -485,7 +496,7 @@ class TraceBuffer:
         """Start buffering a trace, or, if it was decided already, handle `payload` as a late span."""
         decided = self.decisions.lookup(trace_id)
         if decided is None:
-            trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait)
+            trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait, self.seq)
             if self.stress_relief is None:
                 self._by_arrival.append(trace)
             else:

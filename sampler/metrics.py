@@ -236,6 +236,24 @@ class Metrics:
             registry=r,
         )
 
+        # The write-ahead log (`durability: wal`), see sampler/wal.py.
+        self.wal_bytes = gauge("tailgate_wal_bytes", "Bytes of write-ahead log segments on disk.")
+        self.wal_replayed_spans = Counter(
+            "tailgate_wal_replayed_spans",
+            "Spans read back from the write-ahead log at start (not yet decided and exported before).",
+            registry=r,
+        )
+        self.wal_corrupt_records = Counter(
+            "tailgate_wal_corrupt_records",
+            "Damaged or truncated records skipped in the write-ahead log at start.",
+            registry=r,
+        )
+        self.wal_write_errors = Counter(
+            "tailgate_wal_write_errors",
+            "Failed writes or fsyncs of the write-ahead log (the requests concerned were refused with 503).",
+            registry=r,
+        )
+
     def watch_buffer(
         self, traces: Callable[[], float], spans: Callable[[], float], nbytes: Callable[[], float]
     ) -> None:

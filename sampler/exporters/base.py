@@ -25,6 +25,14 @@ class Exporter(Protocol):
         """Return once `span_count` more spans would be accepted (or the queue is empty)."""
         ...
 
+    def export_mark(self) -> int:
+        """A mark of everything handed to `export` so far (the write-ahead log's checkpoints compare them)."""
+        ...
+
+    def settled_mark(self) -> int:
+        """Everything exported up to this mark is settled: delivered, given up on, or in a disk queue."""
+        ...
+
     async def start(self) -> None:
         """Open connections and start background senders."""
         ...

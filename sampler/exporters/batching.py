@@ -26,6 +26,8 @@ class Batch:
 
     groups: list[SpanGroup]
     span_count: int
+    # The exporter's export mark before the batch's first export call.
+    after: int = 0
 
     def body(self) -> bytes | None:
         return encode_request(self.groups)
@@ -66,6 +68,11 @@ class BatchingExporter(ABC):
         self._num_consumers = batch.num_consumers if num_consumers is None else num_consumers
         self._batch: list[SpanGroup] = []
         self._batch_spans = 0
+        # Export calls so far; the count before the open batch's first one; the same for each batch in
+        # memory not yet settled, in order (see export_mark, settled_mark).
+        self._calls = 0
+        self._open_after = 0
+        self._unsettled: dict[int, None] = {}
         # Spans accepted and not yet delivered or given up on: batching, sealed, or in flight.
         self._pending_spans = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -105,6 +112,7 @@ class BatchingExporter(ABC):
 
     def export(self, groups: list[SpanGroup], span_count: int) -> None:
         # Called once per kept trace: constant work, no per-span loop, never awaits.
+        self._calls += 1
         if (
             self._closing
             or self._pending_spans + span_count > self._span_limit
@@ -115,6 +123,8 @@ class BatchingExporter(ABC):
         if not span_count:
             return
         self._pending_spans += span_count
+        if not self._batch_spans:
+            self._open_after = self._calls - 1
         self._batch.extend(groups)
         self._batch_spans += span_count
         if self._batch_spans >= self._send_batch_size:
@@ -135,6 +145,14 @@ class BatchingExporter(ABC):
         (`batch.queue_size` spans in memory, `sending_queue.max_bytes` on disk), nothing has left its queue
         since, and `sending_queue.when_full` is backpressure. Cheap enough to ask per request."""
         return self._full and self._backpressure
+
+    def export_mark(self) -> int:
+        return self._calls
+
+    def settled_mark(self) -> int:
+        for after in self._unsettled:
+            return after  # the oldest batch still held in memory
+        return self._open_after if self._batch_spans else self._calls
 
     async def start(self) -> None:
         if self._store is not None:
@@ -272,7 +290,9 @@ class BatchingExporter(ABC):
         if not self._batch_spans:
             return
         if self._store is None:
-            self._sealed.put_nowait(Batch(self._batch, self._batch_spans))
+            batch = Batch(self._batch, self._batch_spans, self._open_after)
+            self._unsettled[batch.after] = None  # unique: each batch has its own export calls
+            self._sealed.put_nowait(batch)
         elif self._store.is_open:
             self._store_batch(self._store, self._batch, self._batch_spans)
         else:
@@ -307,6 +327,8 @@ class BatchingExporter(ABC):
 
     def _settle(self, item: Batch | Record) -> None:
         """Release what a batch delivered or given up on held: its room, its record on disk."""
+        if isinstance(item, Batch):
+            self._unsettled.pop(item.after, None)
         if isinstance(item, Batch) or (self._store is not None and self._store.ack(item)):
             self._full = False
 

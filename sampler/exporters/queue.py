@@ -86,6 +86,25 @@ def scan_records(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
     return records, damaged
 
 
+def lock_directory(directory: Path, what: str) -> int:
+    """Take the exclusive lock of a directory one gateway writes (its `lock` file, holding our pid); the
+    lock's descriptor. ExportError naming the holder when another process has it."""
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ExportError(
+            f"{what} directory {directory} is in use by another gateway "
+            f"(lock file {path} held by pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def fsync_all(fds: list[int]) -> None:
     """fsync and close each of `fds` (duplicates the queue handed over); raises the first failure."""
     failure: OSError | None = None
@@ -273,27 +292,11 @@ class DiskQueue:
     def _open(self) -> Recovery:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            self._lock_fd = lock_directory(self.directory, "queue")
             self._dir_fd = os.open(self.directory, os.O_RDONLY)
             return self._recover()
         except OSError as error:
             raise ExportError(f"cannot use queue directory {self.directory}: {error}") from None
-
-    def _lock(self) -> None:
-        path = self.directory / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ExportError(
-                f"queue directory {self.directory} is in use by another gateway "
-                f"(lock file {path} held by pid {holder})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def _recover(self) -> Recovery:
         recovery = Recovery()

@@ -13,6 +13,7 @@ from sampler.receivers.common import Ingest, Receiver
 from sampler.receivers.otlp_grpc import OTLPGRPCReceiver
 from sampler.receivers.otlp_http import OTLPHTTPReceiver
 from sampler.receivers.zipkin import ZipkinReceiver
+from sampler.wal import WriteAheadLog
 
 __all__ = ["Ingest", "Receiver", "build_receivers"]
 
@@ -24,14 +25,15 @@ def build_receivers(
     count_late: Callable[[IngestResult], None],
     capture: Exporter | None = None,
     pressure: Pressure | None = None,
+    wal: WriteAheadLog | None = None,
 ) -> list[Receiver]:
     """One receiver per configured block, all feeding `buffer` on the running event loop (and `capture`,
-    if given, with every span they accept)."""
+    if given, with every span they accept; and `wal`, if given, before buffering)."""
     # Requests in progress at shutdown get a quarter of shutdown_timeout, exporters the rest.
     grace = config.shutdown_timeout / 4
 
     def ingest(protocol: str) -> Ingest:
-        return Ingest(protocol, buffer, metrics, count_late, capture, pressure)
+        return Ingest(protocol, buffer, metrics, count_late, capture, pressure, wal)
 
     receivers: list[Receiver] = []
     otlp = config.receivers.otlp

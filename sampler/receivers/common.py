@@ -9,11 +9,23 @@ from typing import Protocol
 from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
 from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
-from sampler.otlp_wire import Scope, SpanGroup, frame_run
+from sampler.otlp_wire import Scope, SpanGroup, encode_request, frame_run
 from sampler.pressure import Pressure
+from sampler.wal import WALError, WriteAheadLog
 
 # The message of a request refused as overloaded (429, RESOURCE_EXHAUSTED).
 OVERLOADED = "tailgate is over its memory limit and its exporters are full; retry later"
+# Retry-After suggested when the write-ahead log refuses a request.
+WAL_RETRY_AFTER = 1.0
+
+
+class Unavailable(Exception):
+    """The request cannot be accepted now (503, UNAVAILABLE); nothing of it was buffered."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
 
 
 class Receiver(Protocol):
@@ -41,6 +53,7 @@ class Ingest:
         count_late: Callable[[IngestResult], None],
         capture: Exporter | None = None,
         pressure: Pressure | None = None,
+        wal: WriteAheadLog | None = None,
     ) -> None:
         self.protocol = protocol
         self.buffer = buffer
@@ -53,13 +66,28 @@ class Ingest:
         self.capture = capture
         # Receivers refuse a request, before reading it, while `pressure.overloaded` (`memory:`).
         self.pressure = Pressure() if pressure is None else pressure
+        # With `durability: wal`, where each request is written before it is buffered.
+        self.wal = wal
 
-    def add(self, batches: list[SpanBatch]) -> IngestResult:
-        """Buffer the spans of one decoded request; every receiver goes through here."""
+    def add(self, batches: list[SpanBatch], body: bytes | None = None) -> IngestResult:
+        """Buffer the spans of one decoded request; every receiver goes through here. `body` is the request
+        as an encoded ExportTraceServiceRequest when it arrived as one (the write-ahead log takes it as is).
+
+        Unavailable when the write-ahead log cannot take the request: then nothing of it is buffered.
+        """
+        seq = -1
+        if self.wal is not None:
+            try:
+                seq = self.wal.append_request(encode_request(span_groups(batches)) if body is None else body)
+            except WALError as error:
+                self.refuse("wal_unavailable")
+                raise Unavailable(str(error), WAL_RETRY_AFTER) from None
+            self.buffer.seq = seq
         self._requests.inc()
         if self.capture is not None:
             _tee(self.capture, batches)
         result = self.buffer.add_spans(batches)
+        result.seq = seq
         self.pressure.update()
         if result.accepted:
             self._accepted.inc(result.accepted)
@@ -68,6 +96,15 @@ class Ingest:
         if result.late_kept or result.late_dropped:
             self.count_late(result)
         return result
+
+    async def committed(self, result: IngestResult) -> None:
+        """Return once the request is as durable as configured (`wal.fsync: always`: on disk); its client
+        may be answered then. Unavailable when the log could not be synced."""
+        if self.wal is not None:
+            try:
+                await self.wal.synced(result.seq)
+            except WALError as error:
+                raise Unavailable(str(error), WAL_RETRY_AFTER) from None
 
     def refuse(self, reason: str) -> None:
         """Count a request refused as a whole (malformed, too large, unsupported, ...)."""
@@ -80,15 +117,17 @@ def retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
+def span_groups(batches: list[SpanBatch]) -> list[SpanGroup]:
+    """A request's spans, as they arrived, as span groups (one per batch with spans)."""
+    return [
+        (Scope(batch.resource, batch.scope), frame_run(list(batch.payloads)), len(batch.payloads))
+        for batch in batches
+        if batch.payloads
+    ]
+
+
 def _tee(capture: Exporter, batches: list[SpanBatch]) -> None:
     """Hand a request's spans, as they arrived, to the capture; it queues them and never blocks."""
-    groups: list[SpanGroup] = []
-    spans = 0
-    for batch in batches:
-        if batch.payloads:
-            groups.append(
-                (Scope(batch.resource, batch.scope), frame_run(list(batch.payloads)), len(batch.payloads))
-            )
-            spans += len(batch.payloads)
+    groups = span_groups(batches)
     if groups:
-        capture.export(groups, spans)
+        capture.export(groups, sum(group[2] for group in groups))

@@ -19,7 +19,7 @@ from sampler.auth import Authenticator
 from sampler.buffer import IngestResult
 from sampler.config import OTLPGRPCReceiverConfig
 from sampler.errors import DecodeError
-from sampler.receivers.common import OVERLOADED, Ingest
+from sampler.receivers.common import OVERLOADED, Ingest, Unavailable
 from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.tls import load_server_tls
 
@@ -179,7 +179,14 @@ class OTLPGRPCReceiver:
         except DecodeError as error:
             self.ingest.refuse("malformed")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return _reply(self.ingest.add(batches))
+        try:
+            result = self.ingest.add(batches, body)
+            await self.ingest.committed(result)
+        except Unavailable as unavailable:
+            unavailable_code = grpc.StatusCode.UNAVAILABLE
+            trailers = retry_later(unavailable_code, unavailable.message, unavailable.retry_after)
+            await context.abort(unavailable_code, unavailable.message, trailing_metadata=trailers)
+        return _reply(result)
 
 
 def _reply(result: IngestResult) -> bytes:

@@ -13,7 +13,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from sampler.buffer import IngestResult, SpanBatch
 from sampler.config import OTLPHTTPReceiverConfig
 from sampler.errors import DecodeError
-from sampler.receivers.common import OVERLOADED, Ingest, retry_after_header
+from sampler.receivers.common import OVERLOADED, Ingest, Unavailable, retry_after_header
 from sampler.receivers.http_server import HTTPReceiver, RequestRejected
 from sampler.receivers.otlp_decode import decode_json, decode_protobuf
 
@@ -23,9 +23,10 @@ PROTOCOL = "otlp_http"
 # google.rpc.Code values used in error replies.
 _INVALID_ARGUMENT = 3
 _RESOURCE_EXHAUSTED = 8
+_UNAVAILABLE = 14
 _UNAUTHENTICATED = 16
 # The google.rpc.Code of an error reply, by HTTP status; INVALID_ARGUMENT for the others.
-_RPC_CODES = {401: _UNAUTHENTICATED, 413: _RESOURCE_EXHAUSTED, 429: _RESOURCE_EXHAUSTED}
+_RPC_CODES = {401: _UNAUTHENTICATED, 413: _RESOURCE_EXHAUSTED, 429: _RESOURCE_EXHAUSTED, 503: _UNAVAILABLE}
 _EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
 # JSON bodies above this size are decoded in a worker thread.
 _JSON_INLINE_BYTES = 256 * 1024
@@ -78,7 +79,15 @@ class OTLPHTTPReceiver(HTTPReceiver):
         except RequestRejected as rejected:
             self.ingest.refuse(rejected.reason)
             return _error_reply(rejected, content_type)
-        return _success_reply(self.ingest.add(batches), content_type)
+        try:
+            # A protobuf body goes to the write-ahead log (if any) as it came.
+            result = self.ingest.add(batches, body if decoder is decode_protobuf else None)
+            await self.ingest.committed(result)
+        except Unavailable as unavailable:
+            reply = _error_reply(RequestRejected(503, "wal_unavailable", unavailable.message), content_type)
+            reply.headers.update(retry_after_header(unavailable.retry_after))
+            return reply
+        return _success_reply(result, content_type)
 
 
 def _success_reply(result: IngestResult, content_type: str) -> web.Response:

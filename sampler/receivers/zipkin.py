@@ -10,7 +10,7 @@ from aiohttp import hdrs, web
 from sampler.buffer import IngestResult, SpanBatch
 from sampler.config import ZipkinReceiverConfig
 from sampler.errors import DecodeError
-from sampler.receivers.common import OVERLOADED, Ingest, retry_after_header
+from sampler.receivers.common import OVERLOADED, Ingest, Unavailable, retry_after_header
 from sampler.receivers.http_server import HTTPReceiver, RequestRejected
 from sampler.zipkin.spans import ZipkinSpan, parse_json, parse_proto3
 from sampler.zipkin.to_otlp import to_batches
@@ -58,7 +58,13 @@ class ZipkinReceiver(HTTPReceiver):
         except RequestRejected as rejected:
             self.ingest.refuse(rejected.reason)
             return web.Response(status=rejected.status, text=rejected.message)
-        return _accepted(self.ingest.add(batches))
+        try:
+            result = self.ingest.add(batches)
+            await self.ingest.committed(result)
+        except Unavailable as unavailable:
+            retry_after = retry_after_header(unavailable.retry_after)
+            return web.Response(status=503, text=unavailable.message, headers=retry_after)
+        return _accepted(result)
 
     async def read_batches(self, request: web.Request) -> list[SpanBatch]:
         """The request's spans as batches; RequestRejected when the body cannot be read."""

@@ -1,0 +1,398 @@
+"""Durable ingest (`durability: wal`): what was acknowledged survives kill -9; the log is checkpointed,
+compacted and emptied; a log that cannot be written refuses requests instead of acknowledging them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Status
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
+from opentelemetry.trace import StatusCode
+
+from sampler.app import Gateway
+from sampler.buffer import DecisionCache, Kept, TraceBuffer
+from sampler.config import TailSamplingConfig, WALConfig
+from sampler.metrics import Metrics
+from sampler.wal import WriteAheadLog, decode_decisions, encode_decisions
+from tests.conftest import GatewayFactory, free_port, gateway_config, metric, receiver_url, wait_for
+from tests.exporters.helpers import Downstream
+from tests.otlp_data import ERRORS_ONLY, PROTOBUF, post, send
+from tests.test_cli import wait_ready
+from tests.test_outage import admin_port, run_gateway
+
+# Acknowledged spans: (trace id, span id, whether it is the span with the error status).
+Acked = tuple[bytes, bytes, bool]
+
+
+class RecordingExporter(OTLPSpanExporter):
+    """The OTel SDK's OTLP/HTTP exporter, noting the spans of every batch the gateway acknowledged."""
+
+    def __init__(self, acked: list[Acked], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.acked = acked
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = super().export(spans)
+        if result is SpanExportResult.SUCCESS:
+            for span in spans:
+                context = span.get_span_context()
+                assert context is not None
+                self.acked.append(
+                    (
+                        context.trace_id.to_bytes(16, "big"),
+                        context.span_id.to_bytes(8, "big"),
+                        span.status.status_code is StatusCode.ERROR,
+                    )
+                )
+        return result
+
+
+def emit_until(url: str, stop: threading.Event, acked: list[Acked]) -> None:
+    """Emit traces (every other one with an error on a child span) from two services with the OTel SDK
+    until `stop` is set; every span the gateway acknowledged lands in `acked`."""
+    providers = []
+    for service in ("frontend", "backend"):
+        provider = TracerProvider(resource=Resource.create({"service.name": service}))
+        exporter = RecordingExporter(acked, endpoint=url, timeout=2)
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=20))
+        providers.append(provider)
+    root_tracer = providers[0].get_tracer("tests.frontend")
+    child_tracer = providers[1].get_tracer("tests.backend")
+    number = 0
+    while not stop.is_set():
+        root = root_tracer.start_span("GET /checkout", kind=trace.SpanKind.SERVER)
+        context = trace.set_span_in_context(root)
+        for index in range(3):
+            child = child_tracer.start_span(f"query {index}", context=context)
+            if number % 2 == 0 and index == 1:
+                child.set_status(trace.Status(StatusCode.ERROR, "deadlock"))
+            child.end()
+        root.end()
+        number += 1
+        stop.wait(0.004)
+    for provider in providers:
+        provider.force_flush()
+        provider.shutdown()
+
+
+def wal_config(downstream_port: int, directory: Path, durability: str, **wal: Any) -> dict[str, Any]:
+    config = gateway_config(
+        None,
+        policies=ERRORS_ONLY,
+        decision_wait="1.5s",
+        decision_wait_after_root_received="1.5s",
+    )
+    config["exporters"] = {
+        "otlp_http": {
+            "endpoint": f"http://127.0.0.1:{downstream_port}/v1/traces",
+            "batch": {"timeout": "0.02s"},
+            "retry_on_failure": {"initial_interval": "0.05s", "max_interval": "0.2s"},
+        }
+    }
+    config["durability"] = durability
+    config["wal"] = {"directory": str(directory), "checkpoint_interval": "0.2s", **wal}
+    return config
+
+
+def segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.wal"))
+
+
+@pytest.mark.parametrize("durability", ["wal", "none"])
+async def test_acknowledged_spans_of_kept_traces_survive_kill_9(tmp_path: Path, durability: str) -> None:
+    """Spans flow for 3 s, the gateway is killed with traces buffered, then restarted and stopped: with
+    the log every acknowledged span of a kept trace arrives; without it (the control) some are lost."""
+    downstream = Downstream()
+    port = free_port()
+    await downstream.start(port)
+    directory = tmp_path / "wal"
+    config = wal_config(port, directory, durability, fsync="always", segment_bytes=256 * 1024)
+    url = f"http://{config['receivers']['otlp']['http']['endpoint']}/v1/traces"
+    acked: list[Acked] = []
+    stop = threading.Event()
+    process = run_gateway(config, tmp_path / "config.yaml")
+    try:
+        await wait_ready(admin_port(config), process)
+        sender = threading.Thread(target=emit_until, args=(url, stop, acked))
+        sender.start()
+        await asyncio.sleep(3.0)
+        process.kill()  # mid-stream: the sender keeps going and gets connection errors
+        await asyncio.to_thread(process.wait, 10)
+        delivered_before = len(downstream.delivered_spans())
+        stop.set()
+        await asyncio.to_thread(sender.join, 30)
+    finally:
+        stop.set()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    acked_at_kill = list(acked)
+    on_disk = sum(path.stat().st_size for path in segments(directory))
+
+    restarted = run_gateway(config, tmp_path / "config.yaml")
+    try:
+        await wait_ready(admin_port(config), restarted)
+        replayed = await scrape(admin_port(config), "tailgate_wal_replayed_spans_total")
+        restarted.send_signal(signal.SIGTERM)  # decides what was replayed, flushes, empties the log
+        await asyncio.to_thread(restarted.wait, 30)
+    finally:
+        if restarted.poll() is None:
+            restarted.kill()
+        await downstream.stop()
+    assert restarted.returncode == 0
+
+    kept = {trace_id for trace_id, _, error in acked_at_kill if error}
+    expected = {(trace_id, span_id) for trace_id, span_id, _ in acked_at_kill if trace_id in kept}
+    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
+    lost = expected - set(arrived)
+    dropped_arrived = {key for key in arrived if key[0] not in kept}
+    duplicates = sum(arrived.values()) - len(arrived)
+    print(
+        f"\nkill -9, durability {durability}: {len(acked_at_kill)} spans acknowledged, {len(kept)} kept "
+        f"traces ({len(expected)} acknowledged spans); {delivered_before} delivered before the kill, "
+        f"{on_disk} bytes of log left, {replayed:g} spans replayed; lost {len(lost)}, "
+        f"duplicates {duplicates}"
+    )
+    assert len(kept) > 50
+    assert not dropped_arrived
+    if durability == "wal":
+        assert not lost
+        assert replayed > 0
+        assert segments(directory) == []  # emptied at the clean shutdown
+    else:
+        assert lost  # the control: what the log is for
+
+
+async def scrape(port: int, name: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+        text = await reply.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def request_of(trace_number: int, spans: int = 4, error: bool = False) -> ExportTraceServiceRequest:
+    """One trace of `spans` spans (a root and children), its second span with an error if `error`."""
+    trace_id = trace_number.to_bytes(16, "big")
+    scope_spans = ScopeSpans()
+    for index in range(spans):
+        span = scope_spans.spans.add(
+            trace_id=trace_id,
+            span_id=(trace_number * 100 + index + 1).to_bytes(8, "big"),
+            parent_span_id=b"" if index == 0 else (trace_number * 100 + 1).to_bytes(8, "big"),
+            name=f"op {index}",
+            start_time_unix_nano=1_700_000_000_000_000_000,
+            end_time_unix_nano=1_700_000_000_001_000_000,
+        )
+        if error and index == 1:
+            span.status.CopyFrom(Status(code=Status.STATUS_CODE_ERROR))
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[scope_spans])])
+
+
+async def test_checkpoints_delete_segments_while_traffic_flows(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    downstream = Downstream()
+    await downstream.start(free_port())
+    directory = tmp_path / "wal"
+    config = wal_config(downstream.port, directory, "wal", segment_bytes=4096)
+    config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.1s")
+    gateway = await start_gateway(config)
+    url = receiver_url(gateway)
+    try:
+        written = 0
+        for number in range(1, 121):
+            await send(url, request_of(number, error=number % 3 == 0))
+            written += 1
+        peak = len(segments(directory))
+        kept_spans = 40 * 4
+        await wait_for(lambda: len(downstream.delivered_spans()) >= kept_spans, timeout=15)
+        # Decided and exported: the checkpoint passes them and their segments go.
+        await wait_for(lambda: len(segments(directory)) <= 1, timeout=10)
+        checkpoint = gateway.wal.checkpoint if gateway.wal else -1
+        bytes_left = metric(gateway, "tailgate_wal_bytes")
+    finally:
+        await gateway.stop()
+        await downstream.stop()
+    print(f"\ncheckpoints: {written} requests, {peak} segments at the peak, 1 left; checkpoint {checkpoint}")
+    assert peak > 5
+    assert checkpoint == written
+    assert bytes_left < 4096 + 1024
+    assert len(downstream.delivered_spans()) == kept_spans
+    assert segments(directory) == []
+
+
+def crash(wal: WriteAheadLog) -> None:
+    """What kill -9 leaves: the files as written, the lock released, nothing checkpointed or deleted."""
+    for task in wal._tasks:
+        task.cancel()
+    for segment in wal._segments:
+        if segment.fd >= 0:
+            os.close(segment.fd)
+    for fd in (*wal._unsynced, wal._dir_fd, wal._lock_fd):
+        os.close(fd)
+
+
+def new_log(directory: Path) -> tuple[WriteAheadLog, DecisionCache]:
+    decisions = DecisionCache(100, 100)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, lambda: 0.0)
+    config = WALConfig(directory=str(directory), fsync="never", segment_bytes=1 << 20)
+    return WriteAheadLog(config, Metrics(), buffer, decisions, []), decisions
+
+
+async def test_a_torn_or_damaged_record_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
+    wal, decisions = new_log(tmp_path)
+    await wal.open()
+    bodies = [request_of(number).SerializeToString() for number in range(1, 5)]
+    for body in bodies:
+        wal.append_request(body)
+    decisions.record(b"\x01" * 16, Kept("errors", 1.0))
+    decisions.record(b"\x02" * 16, None)
+    wal.append_request(bodies[0])  # writes the decisions first
+    crash(wal)
+    (segment,) = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    second = data.find(b"TGw\x01", 1)
+    data[second + 40] ^= 0xFF  # a flipped bit inside the second record
+    segment.write_bytes(bytes(data[:-7]))  # and the last record torn
+
+    again, restored = new_log(tmp_path)
+    replay = await again.open()
+    assert [body for _, body in replay.requests] == [bodies[0], bodies[2], bodies[3]]
+    assert [seq for seq, _ in replay.requests] == [0, 2, 3]
+    assert replay.corrupt == 2
+    assert dict(replay.decisions) == {b"\x01" * 16: Kept("errors", 1.0), b"\x02" * 16: None}
+    assert again.next_seq == 4  # after the last sound record (the torn one was never whole)
+    assert again.append_request(bodies[1]) == 4
+    crash(again)
+    assert restored.lookup(b"\x01" * 16) is None  # replay_decisions puts them in (tested end to end)
+
+
+def test_decision_records_round_trip() -> None:
+    decided = [(bytes([n]) * 16, Kept("p", 0.25) if n % 2 else None) for n in range(1, 7)]
+    assert sorted(decode_decisions(encode_decisions(decided)), key=lambda d: d[0]) == decided
+    with pytest.raises(ValueError, match="not a decisions record"):
+        decode_decisions(b"\x93")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        decode_decisions(encode_decisions([])[:1] + b"\xc4\x03abc\x90")
+
+
+async def test_a_failed_write_refuses_the_request_and_the_next_goes_to_a_new_segment(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    downstream = Downstream()
+    await downstream.start(free_port())
+    directory = tmp_path / "wal"
+    gateway = await start_gateway(wal_config(downstream.port, directory, "wal"))
+    url = receiver_url(gateway)
+    try:
+        await send(url, request_of(1, error=True))
+        wal = gateway.wal
+        assert wal is not None and wal._active is not None
+        full = os.open("/dev/full", os.O_WRONLY)
+        os.dup2(full, wal._active.fd)  # the disk is full from now on for this segment
+        os.close(full)
+        status, _, body = await post(url, request_of(2, error=True).SerializeToString(), PROTOBUF)
+        assert status == 503
+        assert b"cannot write the write-ahead log" in body
+        await send(url, request_of(3, error=True))  # a new segment
+        errors = metric(gateway, "tailgate_wal_write_errors_total")
+        refused = metric(
+            gateway,
+            "tailgate_receiver_rejected_requests_total",
+            protocol="otlp_http",
+            reason="wal_unavailable",
+        )
+        await wait_for(lambda: len(downstream.delivered_spans()) >= 8, timeout=10)
+    finally:
+        await gateway.stop()
+        await downstream.stop()
+    traces = {span.trace_id for span in downstream.delivered_spans()}
+    assert traces == {(1).to_bytes(16, "big"), (3).to_bytes(16, "big")}  # nothing of the refused one
+    assert errors == 1
+    assert refused == 1
+
+
+async def test_a_full_log_refuses_with_retry_after_until_exports_catch_up(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    downstream = Downstream()
+    await downstream.start(free_port())
+    config = wal_config(downstream.port, tmp_path / "wal", "wal", max_bytes=2000, segment_bytes=1000)
+    config["tail_sampling"].update(decision_wait="0.2s", decision_wait_after_root_received="0.1s")
+    gateway = await start_gateway(config)
+    url = receiver_url(gateway)
+    try:
+        statuses = []
+        retry_after = None
+        for number in range(1, 11):
+            async with aiohttp.ClientSession() as session:
+                body = request_of(number, error=True).SerializeToString()
+                async with session.post(url, data=body, headers=PROTOBUF) as reply:
+                    statuses.append(reply.status)
+                    retry_after = reply.headers.get("Retry-After", retry_after)
+        accepted = statuses.count(200)
+        # Once decided and exported, the log is checkpointed and takes requests again.
+        await wait_for(lambda: gateway.wal is not None and not gateway.wal.full, timeout=10)
+        await send(url, request_of(99, error=True))
+    finally:
+        await gateway.stop()
+        await downstream.stop()
+    print(f"\nfull log: statuses {statuses}")
+    assert 0 < accepted < 10
+    assert set(statuses) == {200, 503}
+    assert retry_after == "1"
+
+
+async def test_decisions_survive_a_crash_so_late_spans_follow_them(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Traces decided before a crash: after the restart their late spans follow the logged decision."""
+    downstream = Downstream()
+    await downstream.start(free_port())
+    directory = tmp_path / "wal"
+    config = wal_config(downstream.port, directory, "wal")
+    config["tail_sampling"].update(decision_wait="0.2s", decision_wait_after_root_received="0.1s")
+    first = await start_gateway(config)
+    try:
+        await send(receiver_url(first), request_of(1, error=True))  # kept
+        await send(receiver_url(first), request_of(2, error=False))  # dropped
+        await wait_for(lambda: len(downstream.delivered_spans()) == 4, timeout=10)
+        await wait_for(lambda: metric(first, "tailgate_traces_decided_total", decision="dropped") == 1)
+        assert first.wal is not None
+        first.wal.advance()  # writes the decisions (a request arriving would too)
+        await abandon(first)
+        second = await start_gateway(config)
+        late = request_of(1)
+        late.resource_spans[0].scope_spans[0].spans[0].span_id = b"\x09" * 8
+        late_dropped = request_of(2)
+        late_dropped.resource_spans[0].scope_spans[0].spans[0].span_id = b"\x08" * 8
+        await send(receiver_url(second), late)
+        await send(receiver_url(second), late_dropped)
+        await wait_for(lambda: metric(second, "tailgate_late_spans_total", decision="kept") >= 1, timeout=10)
+        await second.stop()
+    finally:
+        await downstream.stop()
+    arrived = {span.span_id for span in downstream.delivered_spans()}
+    assert b"\x09" * 8 in arrived
+    assert b"\x08" * 8 not in arrived
+
+
+async def abandon(gateway: Gateway) -> None:
+    """Stop a gateway but leave its log as kill -9 would."""
+    assert gateway.wal is not None
+    crash(gateway.wal)
+    gateway.wal = None
+    await gateway.stop()
