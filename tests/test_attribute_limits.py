@@ -234,3 +234,29 @@ def test_negative_limits_are_config_errors(key: str) -> None:
     config = gateway_config(None, attribute_limits={key: -1})
     with pytest.raises(ConfigError, match=rf"tail_sampling\.attribute_limits\.{key}"):
         parse_config(config)
+
+
+async def test_a_reload_changes_the_limits_from_the_next_decision_on(
+    start_gateway: GatewayFactory, raw_downstream: RawDownstream
+) -> None:
+    """No limits at start; a reload sets them (later traces are cut), another removes them again."""
+    unlimited = gateway_config(raw_downstream)
+    gateway = await start_gateway(unlimited)
+    rng = random.Random(2)
+    sent: list[list[Span]] = []
+    for config in (unlimited, limited(raw_downstream), unlimited):
+        gateway.apply_config(parse_config(config))
+        request, over, _ = mixed_request(rng)
+        await send(receiver_url(gateway), request)
+        sent.append(over)
+        expected = 5 * len(sent)
+        await wait_for(lambda expected=expected: len(raw_downstream.spans()) == expected)
+
+    received = {span.name + span.span_id.hex(): span for _, _, span in raw_downstream.spans()}
+    before, during, after = ([received[span.name + span.span_id.hex()] for span in over] for over in sent)
+    assert [span.SerializeToString() for span in before] == [span.SerializeToString() for span in sent[0]]
+    for got, original in zip(during, sent[1], strict=True):
+        assert_cut(got, original)
+    assert [span.SerializeToString() for span in after] == [span.SerializeToString() for span in sent[2]]
+    dropped, _ = truncated(gateway)
+    assert dropped == 2 * ((50 - MAX_ATTRIBUTES) + (20 - MAX_ATTRIBUTES) + (12 - MAX_ATTRIBUTES))

@@ -4,6 +4,7 @@ exporter's behaviour over it against a real downstream that is down, refusing, o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,28 @@ async def test_a_memory_queue_is_full_until_a_batch_leaves(downstream: Downstrea
     downstream.release.set()
     await eventually(lambda: not exporter.is_full())
     await exporter.shutdown(1)
+
+
+async def test_a_disk_that_cannot_be_written_drops_the_batch_and_the_next_goes_to_a_new_segment(
+    tmp_path: Path, downstream: Downstream, metrics: Metrics
+) -> None:
+    """ENOSPC on the segment being written (its descriptor pointed at /dev/full): that batch is counted as
+    dropped and logged; the torn segment is closed and later batches are stored and delivered."""
+    exporter = disk_exporter(downstream.url, metrics, tmp_path, batch={"timeout": 10.0})
+    await exporter.start()
+    first = export_traces(exporter, range(1, 2))
+    await eventually(lambda: len(downstream.delivered_spans()) == 2)
+    store = exporter._store
+    assert store is not None
+    export_traces(exporter, range(2, 3))  # on a segment that stays open
+    active = store._active
+    assert active is not None
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, active.fd)
+    os.close(full)
+    export_traces(exporter, range(3, 4))
+    assert sample(metrics, DROPPED, NAME) == 2
+    later = export_traces(exporter, range(4, 5))
+    await eventually(lambda: len(downstream.delivered_spans()) == 6)
+    await exporter.shutdown(1)
+    assert span_ids(downstream.delivered_spans()) == span_ids(first + make_trace(2, 2) + later)
