@@ -3,33 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
 import time
+from functools import partial
 
 from policies.registry import build_policies
 from sampler.admin import AdminServer
-from sampler.buffer import DecisionCache, TraceBuffer
-from sampler.config import Config
+from sampler.buffer import DecisionCache, SpanBatch, TraceBuffer
+from sampler.cluster.membership import StaticMembership, build_membership
+from sampler.cluster.node import ClusterNode
+from sampler.config import AdminConfig, Config, ForwardConfig
 from sampler.decider import Decider, attribute_keys
-from sampler.errors import DecodeError
+from sampler.errors import DecodeError, PeerOverloaded
 from sampler.exporters import Exporter, FileExporter, build_exporters
 from sampler.metrics import Metrics
 from sampler.pressure import build_pressure
-from sampler.receivers import build_receivers
+from sampler.receivers import Ingest, build_receivers
+from sampler.receivers.common import OVERLOADED, Unavailable
 from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.reload import ConfigReloader, live_config, rebuild_policies
 from sampler.wal import WriteAheadLog, replay_decisions
+from sampler.workers import announce_worker, local_members, worker_peer_path
 
 log = logging.getLogger(__name__)
+
+# A worker's place under a supervisor (`workers: N`): its index, the number of workers, their directory.
+WorkerPlace = tuple[int, int, str]
 
 
 class Gateway:
     """receivers → buffer → decider → exporters, plus the admin endpoint."""
 
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None, worker: WorkerPlace | None = None
+    ) -> None:
+        if worker is not None:
+            # The supervisor serves the admin endpoint; each worker's own is on an ephemeral port.
+            config = config.model_copy(update={"admin": AdminConfig(endpoint="127.0.0.1:0")})
         self.config = config
+        self.worker = worker
         self.metrics = Metrics()
         sampling = config.tail_sampling
         self.policies = build_policies(sampling.policies, "tail_sampling.policies")
@@ -71,9 +87,24 @@ class Gateway:
             if config.durability == "wal"
             else None
         )
+        # `cluster:` or `workers: N`: this gateway owns a share of the trace ids.
+        self.cluster = build_cluster(config, worker, self.buffer, self.decisions, self.metrics)
         self.receivers = build_receivers(
-            config, self.buffer, self.metrics, self.decider.count_late, self.capture, self.pressure, self.wal
+            config,
+            self.buffer,
+            self.metrics,
+            self.decider.count_late,
+            self.capture,
+            self.pressure,
+            self.wal,
+            self.cluster,
         )
+        if self.cluster is not None:
+            # Spans peers forward for this member's traces: written ahead and buffered like any others.
+            from_peers = Ingest(
+                "cluster", self.buffer, self.metrics, self.decider.count_late, None, self.pressure, self.wal
+            )
+            self.cluster.accept = partial(_accept_from_peer, from_peers)
         self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
         # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
         self.reloader = (
@@ -90,6 +121,8 @@ class Gateway:
         self.decider.start()
         if self.wal is not None:
             await self._replay(self.wal)
+        if self.cluster is not None:
+            await self.cluster.start()
         for receiver in self.receivers:
             await receiver.start()
         # After the receivers: their servers are part of the footprint at start that RSS is measured from.
@@ -98,6 +131,9 @@ class Gateway:
             self.reloader.start()
         self.ready = True
         log.info("tailgate ready: %d policies, %d exporters", len(self.policies), len(self.exporters))
+        if self.worker is not None and self.admin.port is not None:
+            index, _, directory = self.worker
+            announce_worker(directory, index, self.admin.port)
 
     async def stop(self) -> None:
         """Stop accepting, decide every buffered trace now, flush exporters; all within shutdown_timeout."""
@@ -108,6 +144,9 @@ class Gateway:
                 await self.reloader.stop()
             for receiver in self.receivers:
                 await receiver.stop()
+            if self.cluster is not None:
+                # Hands buffered traces to the other members when the membership lets them know.
+                await self.cluster.leave(self.config.shutdown_timeout / 2)
             if self.wal is not None:
                 self.wal.stop_checkpoints()
             await self.pressure.stop()
@@ -118,6 +157,8 @@ class Gateway:
             # Together: each flushes for the whole time left, whatever the others do.
             remaining = max(0.0, deadline - time.monotonic())
             await asyncio.gather(*(exporter.shutdown(remaining) for exporter in self._all_exporters()))
+            if self.cluster is not None:
+                await self.cluster.stop()
             if self.wal is not None:
                 await self.wal.close()
             await self.admin.stop()
@@ -179,6 +220,70 @@ class Gateway:
             raise
         # Everything built at start-up lives as long as the process: keep it out of GC scans.
         gc.freeze()
+        orphaned = None
+        if self.worker is not None:
+            # A worker whose supervisor died (kill -9) stops rather than hold the ports on its own.
+            orphaned = loop.create_task(_until_orphaned(os.getppid()), name="supervisor watch")
+            orphaned.add_done_callback(lambda _: stop_requested.set())
         await stop_requested.wait()
+        if orphaned is not None:
+            orphaned.cancel()
         log.info("shutdown requested")
         await self.stop()
+
+
+async def _until_orphaned(parent: int) -> None:
+    while os.getppid() == parent:  # noqa: ASYNC110 - nothing signals a parent's death: polled
+        await asyncio.sleep(1.0)
+    log.warning("the supervisor (pid %d) is gone; shutting down", parent)
+
+
+def build_cluster(
+    config: Config,
+    worker: WorkerPlace | None,
+    buffer: TraceBuffer,
+    decisions: DecisionCache,
+    metrics: Metrics,
+) -> ClusterNode | None:
+    """The cluster node `cluster:` configures, or a worker's place in the local ring; None for neither."""
+    if worker is not None:
+        index, count, directory = worker
+        path = worker_peer_path(directory, index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by the worker this one replaces
+        members = local_members(directory, count)
+        membership = StaticMembership(members, members[index])
+        return ClusterNode(
+            members[index],
+            membership,
+            config.cluster.forward if config.cluster is not None else ForwardConfig(),
+            buffer,
+            decisions,
+            metrics,
+            endpoint="",
+            unix_path=path,
+        )
+    if config.cluster is None:
+        return None
+    cluster = config.cluster
+    return ClusterNode(
+        cluster.member_id,
+        build_membership(cluster),
+        cluster.forward,
+        buffer,
+        decisions,
+        metrics,
+        endpoint=cluster.endpoint,
+    )
+
+
+def _accept_from_peer(ingest: Ingest, batches: list[SpanBatch], hops: int) -> int:
+    """Buffer spans a peer forwarded; PeerOverloaded (503 to the peer, which retries) when they cannot be
+    taken now."""
+    if ingest.pressure.overloaded:
+        ingest.refuse("overloaded")
+        raise PeerOverloaded(OVERLOADED, ingest.pressure.retry_after)
+    try:
+        return ingest.add(batches, hops=hops).accepted
+    except Unavailable as unavailable:
+        raise PeerOverloaded(unavailable.message, unavailable.retry_after) from None

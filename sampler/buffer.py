@@ -296,6 +296,8 @@ class IngestResult:
     late_invalid: int = 0  # late spans of kept traces left out as not valid OTLP
     late: list[LateSpan] = field(default_factory=list)
     seq: int = -1  # the request's number in the write-ahead log, if there is one
+    # In a cluster: spans of traces other members own, per owner, to forward (see TraceBuffer.add_spans).
+    foreign: dict[str, list[SpanBatch]] = field(default_factory=dict)
 
 
 # The decider's entry points, injected so the buffer never imports downstream modules.
@@ -303,6 +305,8 @@ DecideNow = Callable[[list[Trace], str], None]
 ForwardLate = Callable[[list[LateSpan]], None]
 # Rewrites a kept trace's framed spans of one scope before export, given them parsed (Trace.span_groups).
 RewriteRun = Callable[[bytes, Sequence[Span]], bytes]
+# In a cluster: the member owning a trace id when it is not this one, else None.
+ForeignOwner = Callable[[bytes], str | None]
 
 
 class TraceBuffer:
@@ -394,11 +398,13 @@ class TraceBuffer:
             interned = self._scopes[key] = Scope(resource, scope)
         return interned
 
-    def add_spans(self, batches: list[SpanBatch]) -> IngestResult:
+    def add_spans(self, batches: list[SpanBatch], foreign_owner: ForeignOwner | None = None) -> IngestResult:
         """Buffer the spans of one decoded request.
 
         The inner loop runs once per span: it is written for the interpreter, with the rare cases (new
-        trace, root span, invalid ids, full trace) moved out to methods.
+        trace, root span, invalid ids, full trace) moved out to methods. In a cluster, `foreign_owner`
+        is asked about each trace id not buffered here; spans of traces another member owns are left in
+        `result.foreign` for the caller to forward (as batches of payloads: their owner decodes them).
         """
         result = IngestResult()
         now = self.clock()
@@ -409,6 +415,7 @@ class TraceBuffer:
         keys = self._attribute_keys
         spans_before = self.span_count
         early_spans = 0
+        forwarded = 0
         added_bytes = 0
         total = 0
         resource_values: list[tuple[str, AttributeValue]] = []
@@ -422,6 +429,7 @@ class TraceBuffer:
                 resource_values = _wanted_values(Resource.FromString(batch.resource_payload).attributes, keys)
             # This scope's spans per trace, joined into one run per trace at the end of the batch.
             runs: dict[Trace, list[bytes]] = {}
+            foreign: dict[str, list[bytes]] = {}
             for span, payload in zip(batch.spans, batch.payloads, strict=True):
                 trace_id = span.trace_id
                 span_id = span.span_id
@@ -437,6 +445,11 @@ class TraceBuffer:
                     continue
                 trace = get_trace(trace_id)
                 if trace is None:
+                    if foreign_owner is not None:
+                        owner = foreign_owner(trace_id)
+                        if owner is not None:
+                            foreign.setdefault(owner, []).append(payload)
+                            continue
                     trace = self._new_trace(trace_id, now, scope, payload, result)
                     if trace is None:
                         continue
@@ -469,6 +482,10 @@ class TraceBuffer:
                     # Its earlier runs were counted before (buffer or this request); all leave now.
                     added_bytes += len(framed) - trace.nbytes
                     self._decide_full(trace)
+            for owner, payloads in foreign.items():
+                part = SpanBatch(batch.resource, batch.scope, batch.resource_payload, (), payloads)
+                result.foreign.setdefault(owner, []).append(part)
+                forwarded += len(payloads)
             for trace, payloads in runs.items():
                 framed = frame_run(payloads)
                 trace.items += (scope, framed)
@@ -481,7 +498,9 @@ class TraceBuffer:
                     self.decide_now([trace], "maximum_trace_size_bytes")
         accepted = total - result.rejected
         result.accepted = accepted
-        self.span_count = spans_before + accepted - result.late_kept - result.late_dropped - early_spans
+        self.span_count = (
+            spans_before + accepted - forwarded - result.late_kept - result.late_dropped - early_spans
+        )
         self.byte_count += added_bytes
         if self._stressed:
             self._decide_stressed()
@@ -621,6 +640,17 @@ class TraceBuffer:
                     self.span_count -= trace.span_count
                     self.byte_count -= trace.nbytes
         return due
+
+    def take(self, traces: list[Trace]) -> list[Trace]:
+        """Remove `traces` undecided (those still buffered), to hand them to another cluster member."""
+        taken = []
+        for trace in traces:
+            if self.traces.get(trace.trace_id) is trace:
+                del self.traces[trace.trace_id]
+                self.span_count -= trace.span_count
+                self.byte_count -= trace.nbytes
+                taken.append(trace)
+        return taken
 
     def pop_all(self) -> list[Trace]:
         """Remove and return every buffered trace (shutdown)."""

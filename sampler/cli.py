@@ -10,6 +10,7 @@ import sys
 
 from sampler.config import Config, load_config
 from sampler.errors import ConfigError, TailgateError
+from sampler.workers import parse_worker_slot
 
 EXIT_START_ERROR = 1
 EXIT_CONFIG_ERROR = 2
@@ -21,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the gateway")
     run.add_argument("--config", "-c", default="config.yaml", help="YAML config file")
+    # Set by the supervisor of `workers: N` for each worker it starts.
+    run.add_argument("--worker", type=parse_worker_slot, metavar="INDEX/COUNT", help=argparse.SUPPRESS)
+    run.add_argument("--worker-dir", metavar="DIR", help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", default="config.yaml", help="YAML config file")
     simulate = commands.add_parser(
@@ -95,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from sampler.app import Gateway
 
+    if config.workers > 1 and args.worker is None:
+        from sampler.workers import run_supervisor
+
+        return run_supervisor(args.config, config)
+    worker = None if args.worker is None else (*args.worker, args.worker_dir)
+
     async def serve() -> None:
-        await Gateway(config, args.config).run_until_signalled()
+        await Gateway(config, args.config, worker).run_until_signalled()
 
     # The buffer holds tens of thousands of acyclic objects (traces, span lists) that churn fast; with
     # the default thresholds the cyclic GC rescans them several times a second, costing ~15 % of

@@ -450,8 +450,10 @@ class RedisMembershipConfig(Model):
 class ForwardConfig(Model):
     """Spans sent on to the member that owns their trace: batched per peer by size and time."""
 
-    max_batch_bytes: Count = 1 << 20
+    max_batch_bytes: Count = 4 << 20
     max_delay: PositiveSeconds = 0.02
+    # Requests in flight per peer at most.
+    max_in_flight: Annotated[Count, Field(le=64)] = 2
     # Bytes waiting per peer at most; beyond it a request whose spans cannot be queued is refused (503).
     queue_bytes: Count = 64 << 20
     timeout: PositiveSeconds = 5.0
@@ -503,6 +505,13 @@ class Config(Model):
     cluster: ClusterConfig | None = None
     shutdown_timeout: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("cluster")
+    @classmethod
+    def _not_with_workers(cls, value: ClusterConfig | None, info: ValidationInfo) -> ClusterConfig | None:
+        if value is not None and info.data.get("workers", 1) > 1:
+            raise ValueError("cannot be combined with workers above 1 (run one gateway process per member)")
+        return value
 
     @field_validator("exporters", mode="before")
     @classmethod

@@ -51,3 +51,12 @@ def validation_message(
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"{path or '<root>'}: {message}")
     return "\n".join(lines)
+
+
+class PeerOverloaded(TailgateError):
+    """Raised by a PeerServer handler that cannot take the spans now; the sender gets 503 and retries
+    after `retry_after` seconds (whole seconds on the wire, at least 1)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

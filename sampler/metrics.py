@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from sampler import __version__
@@ -53,6 +53,20 @@ class FastHistogram(Collector):
 
     def describe(self) -> Iterable[HistogramMetricFamily]:
         return self.collect()
+
+
+class CallbackCounters(Collector):
+    """Counters read at scrape time from components that count in plain ints."""
+
+    def __init__(self) -> None:
+        self.counters: list[tuple[str, str, Callable[[], float]]] = []
+
+    def add(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.counters.append((name, documentation, read))
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        for name, documentation, read in self.counters:
+            yield CounterMetricFamily(name, documentation, value=read())
 
 
 class Metrics:
@@ -253,6 +267,42 @@ class Metrics:
             "Failed writes or fsyncs of the write-ahead log (the requests concerned were refused with 503).",
             registry=r,
         )
+
+        # Clusters and workers (`cluster:`, `workers:`), see sampler/cluster/.
+        self.cluster_members = gauge("tailgate_cluster_members", "Members in this member's view of the ring.")
+        self.cluster_pending_spans = gauge(
+            "tailgate_cluster_forward_queue_spans", "Spans queued or in flight to other members."
+        )
+        self.cluster_forwarded_spans = Counter(
+            "tailgate_cluster_forwarded_spans",
+            "Spans of traces another member owns, queued for it, by member.",
+            ["peer"],
+            registry=r,
+        )
+        self.cluster_forward_refused_spans = Counter(
+            "tailgate_cluster_forward_refused_spans",
+            "Spans not queued for their owner because its queue was full (the request was refused, 503).",
+            registry=r,
+        )
+        self.cluster_handed_over_traces = Counter(
+            "tailgate_cluster_handed_over_traces",
+            "Buffered traces handed undecided to a new owner after a membership change, by member.",
+            ["peer"],
+            registry=r,
+        )
+        self.cluster_membership_changes = Counter(
+            "tailgate_cluster_membership_changes", "Changes of the member list seen.", registry=r
+        )
+        self.cluster_membership_connected = gauge(
+            "tailgate_cluster_membership_connected",
+            "1 while the membership store (Redis) answers; 0 while the last known members are kept.",
+        )
+        self._callback_counters = CallbackCounters()
+        r.register(self._callback_counters)
+
+    def callback_counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A counter whose value another component keeps (read at scrape time)."""
+        self._callback_counters.add(name, documentation, read)
 
     def watch_buffer(
         self, traces: Callable[[], float], spans: Callable[[], float], nbytes: Callable[[], float]

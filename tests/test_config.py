@@ -85,6 +85,19 @@ def test_shipped_config_is_valid() -> None:
             lambda c: c["exporters"].update({"zipkin": {"endpoint": "zipkin:9411"}}),
             "exporters.zipkin.endpoint",
         ),
+        (lambda c: c.update(durability="fsync"), "durability"),
+        (lambda c: c.update(wal={"fsync": "sometimes"}), "wal.fsync"),
+        (lambda c: c.update(workers=0), "workers"),
+        (lambda c: c.update(cluster={}), "cluster: set exactly one of peers (a static list) and redis"),
+        (
+            lambda c: c.update(cluster={"redis": {"heartbeat": "2s", "timeout": "1s"}}),
+            "cluster.redis: timeout must be longer than heartbeat",
+        ),
+        (
+            lambda c: c.update(workers=2, cluster={"peers": ["127.0.0.1:4319"]}),
+            "cluster: cannot be combined with workers above 1",
+        ),
+        (lambda c: c.update(cluster={"endpoint": "4319", "peers": ["a"]}), "cluster.endpoint"),
     ],
     ids=[
         "policy-param",
@@ -106,6 +119,13 @@ def test_shipped_config_is_valid() -> None:
         "grpc-exporter-endpoint",
         "grpc-metadata-key",
         "zipkin-exporter-url",
+        "durability",
+        "wal-fsync",
+        "workers",
+        "cluster-membership",
+        "redis-timeout",
+        "cluster-and-workers",
+        "cluster-endpoint",
     ],
 )
 def test_check_config_names_the_key_path(tmp_path: Path, mutate: Any, message: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sampler.buffer import IngestResult, TraceBuffer
 from sampler.config import Config
@@ -15,6 +16,9 @@ from sampler.receivers.otlp_http import OTLPHTTPReceiver
 from sampler.receivers.zipkin import ZipkinReceiver
 from sampler.wal import WriteAheadLog
 
+if TYPE_CHECKING:
+    from sampler.cluster.node import ClusterNode
+
 __all__ = ["Ingest", "Receiver", "build_receivers"]
 
 
@@ -26,6 +30,7 @@ def build_receivers(
     capture: Exporter | None = None,
     pressure: Pressure | None = None,
     wal: WriteAheadLog | None = None,
+    cluster: ClusterNode | None = None,
 ) -> list[Receiver]:
     """One receiver per configured block, all feeding `buffer` on the running event loop (and `capture`,
     if given, with every span they accept; and `wal`, if given, before buffering)."""
@@ -33,7 +38,7 @@ def build_receivers(
     grace = config.shutdown_timeout / 4
 
     def ingest(protocol: str) -> Ingest:
-        return Ingest(protocol, buffer, metrics, count_late, capture, pressure, wal)
+        return Ingest(protocol, buffer, metrics, count_late, capture, pressure, wal, cluster)
 
     receivers: list[Receiver] = []
     otlp = config.receivers.otlp
@@ -43,4 +48,6 @@ def build_receivers(
         receivers.append(OTLPGRPCReceiver(otlp.grpc, ingest(OTLPGRPCReceiver.protocol), grace))
     if config.receivers.zipkin is not None:
         receivers.append(ZipkinReceiver(config.receivers.zipkin, ingest(ZipkinReceiver.protocol), grace))
+    for receiver in receivers:
+        receiver.reuse_port = config.workers > 1
     return receivers

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
+from sampler.errors import PeerOverloaded
 from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
 from sampler.otlp_wire import Scope, SpanGroup, encode_request, frame_run
 from sampler.pressure import Pressure
 from sampler.wal import WALError, WriteAheadLog
+
+if TYPE_CHECKING:
+    from sampler.cluster.node import ClusterNode
 
 # The message of a request refused as overloaded (429, RESOURCE_EXHAUSTED).
 OVERLOADED = "tailgate is over its memory limit and its exporters are full; retry later"
@@ -34,6 +38,7 @@ class Receiver(Protocol):
     protocol: str
     port: int | None  # the bound port once started
     ingest: Ingest
+    reuse_port: bool  # share the port with the other workers (`workers: N`)
 
     async def start(self) -> None: ...
 
@@ -54,6 +59,7 @@ class Ingest:
         capture: Exporter | None = None,
         pressure: Pressure | None = None,
         wal: WriteAheadLog | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.protocol = protocol
         self.buffer = buffer
@@ -68,13 +74,28 @@ class Ingest:
         self.pressure = Pressure() if pressure is None else pressure
         # With `durability: wal`, where each request is written before it is buffered.
         self.wal = wal
+        # In a cluster (or with workers), where spans of traces other members own are sent on.
+        self.cluster = cluster
 
-    def add(self, batches: list[SpanBatch], body: bytes | None = None) -> IngestResult:
+    def add(self, batches: list[SpanBatch], body: bytes | None = None, hops: int = 0) -> IngestResult:
         """Buffer the spans of one decoded request; every receiver goes through here. `body` is the request
         as an encoded ExportTraceServiceRequest when it arrived as one (the write-ahead log takes it as is).
 
-        Unavailable when the write-ahead log cannot take the request: then nothing of it is buffered.
+        In a cluster, spans of traces other members own are forwarded to them (`hops`: how often these
+        spans were forwarded already). Unavailable when the write-ahead log cannot take the request, or
+        the queue for another member is full: then nothing of it is buffered.
         """
+        if self.capture is not None:
+            _tee(self.capture, batches)  # every span once: at the member that received it
+        cluster = self.cluster
+        foreign_owner = None if cluster is None else cluster.router(hops)
+        if foreign_owner is not None:
+            assert cluster is not None
+            try:
+                cluster.check_room()
+            except PeerOverloaded as error:
+                self.refuse("cluster_unavailable")
+                raise Unavailable(str(error), error.retry_after) from None
         seq = -1
         if self.wal is not None:
             try:
@@ -84,9 +105,10 @@ class Ingest:
                 raise Unavailable(str(error), WAL_RETRY_AFTER) from None
             self.buffer.seq = seq
         self._requests.inc()
-        if self.capture is not None:
-            _tee(self.capture, batches)
-        result = self.buffer.add_spans(batches)
+        result = self.buffer.add_spans(batches, foreign_owner)
+        if result.foreign:
+            assert cluster is not None
+            cluster.forward(result.foreign, hops)
         result.seq = seq
         self.pressure.update()
         if result.accepted:

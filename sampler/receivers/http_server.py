@@ -42,6 +42,8 @@ class HTTPReceiver(ABC):
 
     protocol: str
     label: str  # for logs, e.g. "OTLP/HTTP"
+    # With `workers: N`, every worker listens on the same port (SO_REUSEPORT).
+    reuse_port = False
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class HTTPReceiver(ABC):
             host.strip("[]"),
             int(port),
             reuse_address=True,
+            reuse_port=self.reuse_port or None,
             ssl_context=None if tls is None else tls.context,
         )
         try:

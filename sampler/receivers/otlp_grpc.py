@@ -82,6 +82,8 @@ class OTLPGRPCReceiver:
 
     protocol = PROTOCOL
 
+    reuse_port = False
+
     def __init__(self, config: OTLPGRPCReceiverConfig, ingest: Ingest, shutdown_grace: float) -> None:
         self.config = config
         self.ingest = ingest
@@ -103,8 +105,9 @@ class OTLPGRPCReceiver:
             options=[
                 # grpc checks this limit after decompression too, before the message reaches the handler.
                 ("grpc.max_receive_message_length", self.config.max_request_bytes),
-                # A port another process listens on is a start error, not a silent share of its traffic.
-                ("grpc.so_reuseport", 0),
+                # A port another process listens on is a start error, not a silent share of its traffic
+                # (unless it is another worker of this gateway).
+                ("grpc.so_reuseport", 1 if self.reuse_port else 0),
             ],
         )
         # Export is unary, but served as request-streaming (one message on the wire either way): the handler

@@ -1,0 +1,1 @@
+"""Cluster membership and ownership of trace ids among members."""

@@ -1,0 +1,840 @@
+"""Forwarding between cluster members: spans of traces another member owns, trace decisions, and buffered
+traces handed over on a membership change, batched per peer into msgpack POSTs to `/cluster/v1/forward`.
+
+A request body is a msgpack stream: the format version, then one array per message.
+
+    [SPANS, hops, request]                 spans for the traces the peer owns
+    [TRACES, hops, [request, ...]]         whole buffered traces handed over, one request each
+    [DECISIONS, [[kept, policy, probability, trace ids joined], ...]]   decisions grouped by outcome
+
+A `request` is an encoded OTLP ExportTraceServiceRequest holding the spans as they arrived (their wire
+bytes, never re-encoded): the owner decodes it as a receiver would, in one C pass. That costs both sides
+less than packing each span's fields, and copies each span's bytes the fewest times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import aiohttp
+import msgpack
+from aiohttp import web
+
+from sampler.buffer import SpanBatch
+from sampler.config import ForwardConfig
+from sampler.errors import DecodeError, PeerOverloaded
+from sampler.logthrottle import LogThrottle
+from sampler.otlp_wire import Scope, encode_request, frame_run
+from sampler.receivers.otlp_decode import decode_protobuf
+
+log = logging.getLogger(__name__)
+
+FORWARD_PATH = "/cluster/v1/forward"
+CONTENT_TYPE = "application/x-msgpack"
+FORMAT_VERSION = 3
+# Message kinds, the first element of each message.
+SPANS = 1
+DECISIONS = 2
+TRACES = 3
+# On a 5xx reply: how many messages of the request, from its start, the peer's handlers accepted. The
+# sender resends only the rest, so a peer that turns overloaded midway does not get spans twice.
+ACCEPTED_HEADER = "Tailgate-Accepted-Messages"
+# A peer takes requests of this size at most. A request holds at most a queue's worth of messages, so
+# this is the default `forward.queue_bytes` and room for the version.
+DEFAULT_MAX_REQUEST_BYTES = ForwardConfig().queue_bytes + 16
+# One record per span: trace id, span id, parent span id as a Pascal string (its length byte tells an
+# absent parent from an all-zero one), start and end time, status code. 53 bytes, unpacked in C.
+SPAN_RECORD = struct.Struct("<16s8s9pQQi")
+_TRACE_ID_BYTES = 16
+_SPAN_ID_BYTES = 8
+_ERROR_SNIPPET = 200
+# Backoff jitter as in the exporters' retries: each wait is the interval ±50%.
+JITTER = 0.5
+
+
+class ForwardedDecision(NamedTuple):
+    """A decision a member made on a trace, for members that see its late spans."""
+
+    trace_id: bytes
+    kept: bool
+    policy: str  # the deciding policy's name ("" when dropped by no particular policy)
+    probability: float  # the keep probability (adjusted counts); 1 when certain
+
+
+# What a PeerServer hands received messages to: spans with their hop count, handed-over traces, decisions.
+SpansHandler = Callable[[list[SpanBatch], int], None]
+TracesHandler = Callable[[list[list[SpanBatch]], int], None]
+DecisionsHandler = Callable[[list[ForwardedDecision]], None]
+
+
+@dataclass(slots=True)
+class SpansMessage:
+    """Spans for traces the receiving member owns."""
+
+    batches: list[SpanBatch]
+    hops: int
+
+
+@dataclass(slots=True)
+class TracesMessage:
+    """Whole buffered traces handed over to their new owner, each as its batches."""
+
+    traces: list[list[SpanBatch]]
+    hops: int
+
+
+@dataclass(slots=True)
+class DecisionsMessage:
+    """Decisions made by the sending member (their order within a message is not kept)."""
+
+    decisions: list[ForwardedDecision]
+
+
+Message = SpansMessage | TracesMessage | DecisionsMessage
+
+
+# -- encoding --------------------------------------------------------------------------------------------
+
+
+def encode_spans(batches: Sequence[SpanBatch], hops: int) -> bytes:
+    """A SPANS message."""
+    packed: bytes = msgpack.packb([SPANS, hops, _request(batches)], use_bin_type=True)
+    return packed
+
+
+def encode_traces(traces: Sequence[Sequence[SpanBatch]], hops: int) -> bytes:
+    """A TRACES message: each trace's batches."""
+    requests = [_request(trace) for trace in traces]
+    packed: bytes = msgpack.packb([TRACES, hops, requests], use_bin_type=True)
+    return packed
+
+
+def encode_decisions(decisions: Iterable[ForwardedDecision]) -> bytes:
+    """A DECISIONS message; ValueError for a trace id that is not 16 bytes."""
+    groups: dict[tuple[bool, str, float], list[bytes]] = {}
+    for trace_id, kept, policy, probability in decisions:
+        if len(trace_id) != _TRACE_ID_BYTES:
+            raise ValueError(f"a decision's trace id must be {_TRACE_ID_BYTES} bytes, not {len(trace_id)}")
+        groups.setdefault((bool(kept), policy, float(probability)), []).append(trace_id)
+    fields = [
+        [kept, policy, probability, b"".join(ids)] for (kept, policy, probability), ids in groups.items()
+    ]
+    packed: bytes = msgpack.packb([DECISIONS, fields], use_bin_type=True)
+    return packed
+
+
+def encode_body(messages: Iterable[bytes]) -> bytes:
+    """A request body: the format version, then the encoded messages."""
+    version: bytes = msgpack.packb(FORMAT_VERSION)
+    return version + b"".join(messages)
+
+
+def _request(batches: Sequence[SpanBatch]) -> bytes:
+    """The batches' spans as an encoded ExportTraceServiceRequest."""
+    return encode_request(
+        [(Scope(batch.resource, batch.scope), frame_run(list(batch.payloads)), 0) for batch in batches]
+    )
+
+
+# -- decoding --------------------------------------------------------------------------------------------
+
+
+def decode_body(body: bytes) -> list[Message]:
+    """The messages of a request body; DecodeError naming what is wrong. Nothing is handed on from a body
+    that does not decode in full."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(body), 1), use_list=True, raw=False)
+    unpacker.feed(body)
+    messages: list[Message] = []
+    try:
+        try:
+            version = unpacker.unpack()
+        except msgpack.OutOfData:
+            raise DecodeError("empty body: expected the format version") from None
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise DecodeError(f"unsupported forward format version {version!r} (expected {FORMAT_VERSION})")
+        # Iteration stops quietly at a message cut short; the end of the last whole one tells.
+        end = unpacker.tell()
+        for item in unpacker:
+            messages.append(decode_message(item))
+            end = unpacker.tell()
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise DecodeError(f"malformed msgpack body: {type(error).__name__}: {error}") from None
+    if end != len(body):
+        raise DecodeError(f"truncated body: a message is cut off after byte {end} of {len(body)}")
+    return messages
+
+
+def decode_message(item: Any) -> Message:
+    """One unpacked message; DecodeError when it is not one of the known kinds and shapes."""
+    if not isinstance(item, list) or not item:
+        raise DecodeError("a message must be a non-empty array")
+    kind = item[0]
+    if type(kind) is int:
+        if kind == SPANS and len(item) == 3:
+            return SpansMessage(_batches(item[2]), _hops(item[1]))
+        if kind == TRACES and len(item) == 3:
+            traces = item[2]
+            if not isinstance(traces, list):
+                raise DecodeError("traces must be an array of traces")
+            return TracesMessage([_batches(trace) for trace in traces], _hops(item[1]))
+        if kind == DECISIONS and len(item) == 2:
+            return DecisionsMessage(_decisions(item[1]))
+    raise DecodeError(f"unknown message kind {kind!r} with {len(item) - 1} fields")
+
+
+def _hops(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise DecodeError(f"hops must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _batches(value: Any) -> list[SpanBatch]:
+    if type(value) is not bytes:
+        raise DecodeError("forwarded spans must be binary (an encoded ExportTraceServiceRequest)")
+    try:
+        return decode_protobuf(value)
+    except DecodeError as error:
+        raise DecodeError(f"forwarded spans: {error}") from None
+
+
+def _decisions(value: Any) -> list[ForwardedDecision]:
+    if not isinstance(value, list):
+        raise DecodeError("decisions must be an array of groups")
+    decisions: list[ForwardedDecision] = []
+    for group in value:
+        if not isinstance(group, list) or len(group) != 4:
+            raise DecodeError("a decision group must be [kept, policy, probability, trace ids]")
+        kept, policy, probability, ids = group
+        if (
+            type(kept) is not bool
+            or type(policy) is not str
+            or type(probability) not in (float, int)
+            or type(ids) is not bytes
+            or len(ids) % _TRACE_ID_BYTES
+        ):
+            raise DecodeError("a decision group must be [bool, str, number, trace ids joined 16 bytes each]")
+        probability = float(probability)
+        decisions.extend(
+            ForwardedDecision(ids[start : start + _TRACE_ID_BYTES], kept, policy, probability)
+            for start in range(0, len(ids), _TRACE_ID_BYTES)
+        )
+    return decisions
+
+
+# -- the receiving side ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerStats:
+    """What a PeerServer received, as plain counters for metrics."""
+
+    requests: int = 0  # acknowledged with 200
+    spans: int = 0  # handed to the handlers, handed-over traces included
+    decisions: int = 0
+    malformed: int = 0  # answered 4xx
+    overloaded: int = 0  # answered 503 because a handler raised PeerOverloaded
+    errors: int = 0  # answered 500 because a handler failed
+
+
+class PeerServer:
+    """Takes forwarded messages from peers and hands them, in order, to synchronous handlers.
+
+    A request is answered 200 only after every message in it was handed on; 400 with a message when its
+    body does not decode (nothing handed on); 503 with Retry-After when a handler raises PeerOverloaded.
+    Handed-over traces go to `on_traces` when given, else each message's batches to `on_spans`.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        on_spans: SpansHandler,
+        on_decisions: DecisionsHandler,
+        *,
+        on_traces: TracesHandler | None = None,
+        unix_path: str | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        shutdown_grace: float = 5.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.on_spans = on_spans
+        self.on_decisions = on_decisions
+        self.on_traces = on_traces
+        self.unix_path = unix_path
+        self.max_request_bytes = max_request_bytes
+        self.shutdown_grace = shutdown_grace
+        self.port: int | None = None
+        self.stats = ServerStats()
+        self._runner: web.AppRunner | None = None
+        self._error_log = LogThrottle()
+
+    async def start(self) -> None:
+        """Listen on `unix_path` when given, else on `endpoint` (host:port)."""
+        app = web.Application(client_max_size=self.max_request_bytes)
+        app.router.add_post(FORWARD_PATH, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_grace)
+        await self._runner.setup()
+        site: web.BaseSite
+        if self.unix_path is not None:
+            site = web.UnixSite(self._runner, self.unix_path)
+        else:
+            host, _, port = self.endpoint.rpartition(":")
+            site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        if self.unix_path is None:
+            self.port = _bound_port(self._runner)
+        log.info("cluster forward server listening on %s", self.unix_path or f"{self.endpoint} ({self.port})")
+
+    async def stop(self) -> None:
+        """Stop accepting; requests whose bodies are still arriving get `shutdown_grace` to complete."""
+        if self._runner is None:
+            return
+        await self._runner.cleanup()
+        self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.content_type != CONTENT_TYPE:
+            self.stats.malformed += 1
+            return web.Response(status=415, text=f"unsupported content type {request.content_type!r}")
+        if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
+            self.stats.malformed += 1
+            return web.Response(status=415, text="forwarded bodies are not compressed")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            self.stats.malformed += 1
+            return web.Response(status=413, text=f"body exceeds max_request_bytes ({self.max_request_bytes})")
+        try:
+            messages = decode_body(body)
+        except DecodeError as error:
+            self.stats.malformed += 1
+            self._log_error("malformed request from %s: %s", request.remote, error)
+            return web.Response(status=400, text=str(error))
+        for index, message in enumerate(messages):
+            try:
+                self._hand_on(message)
+            except PeerOverloaded as overloaded:
+                self.stats.overloaded += 1
+                headers = {
+                    "Retry-After": str(max(1, math.ceil(overloaded.retry_after))),
+                    ACCEPTED_HEADER: str(index),
+                }
+                return web.Response(status=503, text=str(overloaded), headers=headers)
+            except Exception:
+                self.stats.errors += 1
+                log.exception("cluster forward: handler failed on a %s message", type(message).__name__)
+                return web.Response(status=500, text="handler failed", headers={ACCEPTED_HEADER: str(index)})
+        self.stats.requests += 1
+        return web.Response(status=200)
+
+    def _hand_on(self, message: Message) -> None:
+        if isinstance(message, SpansMessage):
+            self.on_spans(message.batches, message.hops)
+            self.stats.spans += _span_count(message.batches)
+        elif isinstance(message, TracesMessage):
+            if self.on_traces is not None:
+                self.on_traces(message.traces, message.hops)
+            else:
+                self.on_spans([batch for trace in message.traces for batch in trace], message.hops)
+            self.stats.spans += sum(_span_count(trace) for trace in message.traces)
+        else:
+            self.on_decisions(message.decisions)
+            self.stats.decisions += len(message.decisions)
+
+    def _log_error(self, text: str, *args: object) -> None:
+        if self._error_log.allow():
+            log.warning(text + " (%d similar messages suppressed)", *args, self._error_log.take_suppressed())
+
+
+def _span_count(batches: Iterable[SpanBatch]) -> int:
+    return sum(len(batch.payloads) for batch in batches)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    raise RuntimeError("cluster forward server is not bound")
+
+
+# -- the sending side ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between attempts to deliver a request to a peer: from `initial`, times `multiplier` after
+    each failure, at most `maximum`, each ±50% jitter. A peer's Retry-After replaces the interval."""
+
+    initial: float = 0.1
+    maximum: float = 2.0
+    multiplier: float = 2.0
+
+
+@dataclass
+class PeerStats:
+    """What a Forwarder did for one peer, as plain counters for metrics."""
+
+    spans: int = 0  # acknowledged by the peer
+    decisions: int = 0
+    bytes: int = 0  # message bytes acknowledged
+    requests: int = 0  # acknowledged requests
+    failures: int = 0  # attempts that failed: connection, timeout, 5xx
+    retries: int = 0  # attempts made after a failure
+    refused_spans: int = 0  # not queued: send_spans / send_traces returned False
+    refused_decisions: int = 0
+    rejected_spans: int = 0  # refused by the peer for good (4xx), not retried
+    rejected_decisions: int = 0
+    dropped_spans: int = 0  # still queued when the peer was forgotten or the forwarder closed
+    dropped_decisions: int = 0
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What is queued or in flight for a peer."""
+
+    messages: int
+    spans: int
+    decisions: int
+    bytes: int
+    in_flight: bool
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """One queued message, encoded."""
+
+    kind: int
+    body: bytes
+    spans: int
+    decisions: int
+    queued_at: float
+
+
+@dataclass(eq=False)
+class _Peer:
+    address: str
+    queue: deque[_Entry] = field(default_factory=deque)
+    # One list per sender: the entries of the request it has in flight.
+    lanes: list[list[_Entry]] = field(default_factory=list)
+    bytes: int = 0  # queued and in flight
+    unsent_bytes: int = 0  # queued only
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    senders: list[asyncio.Task[None]] = field(default_factory=list)
+    session: aiohttp.ClientSession | None = None
+
+    @property
+    def in_flight(self) -> list[_Entry]:
+        return [entry for lane in self.lanes for entry in lane]
+
+    def entries(self) -> list[_Entry]:
+        return [*self.in_flight, *self.queue]
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str, delay: float | None = None, accepted: int = 0) -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.accepted = accepted
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, accepted: int = 0) -> None:
+        super().__init__(reason)
+        self.accepted = accepted
+
+
+class Forwarder:
+    """Per-peer queues of encoded messages, each with one sender task and one keep-alive connection.
+
+    `send_*` only queue (never await): a peer's queue is sent as one request when it holds
+    `max_batch_bytes` or `max_delay` after its oldest message. One request is in flight per peer, so
+    messages arrive in the order they were queued. A failed request (connection, timeout, 5xx) is
+    retried with backoff until the peer acknowledges it, the peer is forgotten or the forwarder closes;
+    what is then still queued is counted as dropped. Peers are "host:port" or "unix:/path".
+    Must be used from a running event loop.
+    """
+
+    def __init__(self, config: ForwardConfig, *, backoff: Backoff | None = None) -> None:
+        self.config = config
+        self.backoff = backoff or Backoff()
+        self.stats: dict[str, PeerStats] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._flushing = 0
+        self._closed = False
+        # Set whenever something leaves a queue, for flush.
+        self._progress = asyncio.Event()
+        self._closing_sessions: set[asyncio.Task[None]] = set()
+        self._failure_log = LogThrottle()
+        self._refusal_log = LogThrottle()
+
+    def send_spans(self, peer: str, batches: Sequence[SpanBatch], hops: int, force: bool = False) -> bool:
+        """Queue spans for `peer`; False, with nothing queued, when its queue has no room for them (or,
+        with `force`, only when the forwarder is closed: the queue may then exceed its bound).
+
+        Only each batch's resource, scope and payloads are sent: the peer decodes the spans from them.
+        `hops` reaches the peer's handler as given: the caller counts how often spans were forwarded.
+        """
+        spans = _span_count(batches)
+        if not spans:
+            return True
+        if self._closed or (not force and self._refusing(peer)):
+            return self._refuse(peer, spans, 0)
+        return self._enqueue(peer, _Entry(SPANS, encode_spans(batches, hops), spans, 0, 0.0), force)
+
+    def full(self, peer: str) -> bool:
+        """Whether `peer`'s queue is full (or the forwarder closed): spans for it would be refused."""
+        return self._refusing(peer)
+
+    def send_traces(self, peer: str, traces: Sequence[Sequence[SpanBatch]], hops: int) -> bool:
+        """Queue whole buffered traces handed over to `peer` (each its list of batches); False when its
+        queue has no room for them."""
+        spans = sum(_span_count(trace) for trace in traces)
+        if not spans:
+            return True
+        if self._refusing(peer):
+            return self._refuse(peer, spans, 0)
+        return self._enqueue(peer, _Entry(TRACES, encode_traces(traces, hops), spans, 0, 0.0))
+
+    def send_decisions(self, peer: str, decisions: Sequence[ForwardedDecision]) -> bool:
+        """Queue decisions for `peer`; False when its queue has no room for them."""
+        if not decisions:
+            return True
+        if self._refusing(peer):
+            return self._refuse(peer, 0, len(decisions))
+        return self._enqueue(peer, _Entry(DECISIONS, encode_decisions(decisions), 0, len(decisions), 0.0))
+
+    def pending(self, peer: str) -> Pending:
+        state = self._peers.get(peer)
+        if state is None:
+            return Pending(0, 0, 0, 0, False)
+        entries = state.entries()
+        return Pending(
+            messages=len(entries),
+            spans=sum(entry.spans for entry in entries),
+            decisions=sum(entry.decisions for entry in entries),
+            bytes=state.bytes,
+            in_flight=bool(state.in_flight),
+        )
+
+    def peer_stats(self, peer: str) -> PeerStats:
+        """The counters of `peer` (kept after it is forgotten, as metrics counters are)."""
+        return self.stats.setdefault(peer, PeerStats())
+
+    def take_undelivered(self, peer: str) -> list[tuple[list[SpanBatch], int]]:
+        """Remove the spans queued or in flight for `peer` and return them decoded, as (batches, hops) per
+        message in queue order, for the caller to route to their new owner; decisions stay queued.
+
+        A request in flight is abandoned: the peer may have taken it already, so its spans can arrive
+        twice (at least once, never lost).
+        """
+        state = self._peers.get(peer)
+        if state is None:
+            return []
+        self._stop_sender(state)
+        entries = list(state.queue)
+        state.queue.clear()
+        undelivered: list[tuple[list[SpanBatch], int]] = []
+        for entry in entries:
+            if entry.kind == DECISIONS:
+                state.queue.append(entry)
+                continue
+            message = decode_message(msgpack.unpackb(entry.body, use_list=True, raw=False))
+            if isinstance(message, SpansMessage):
+                undelivered.append((message.batches, message.hops))
+            elif isinstance(message, TracesMessage):
+                undelivered.append(([batch for trace in message.traces for batch in trace], message.hops))
+        state.bytes = state.unsent_bytes = sum(len(entry.body) for entry in state.queue)
+        if state.queue:
+            self._start_sender(state)
+        self._progress.set()
+        return undelivered
+
+    def forget_peer(self, peer: str) -> None:
+        """Stop sending to `peer`: what is still queued for it is dropped and counted (take_undelivered
+        first to keep its spans)."""
+        state = self._peers.pop(peer, None)
+        if state is None:
+            return
+        self._drop(state, "forgotten")
+        self._stop_sender(state)
+        if state.session is not None:
+            task = asyncio.get_running_loop().create_task(state.session.close())
+            self._closing_sessions.add(task)
+            task.add_done_callback(self._closing_sessions.discard)
+        self._progress.set()
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a deadline for the whole flush
+        """Send everything queued now, without waiting for `max_delay`, and wait until every peer
+        acknowledged it; False if something is still undelivered after `timeout` seconds."""
+        self._flushing += 1
+        for state in self._peers.values():
+            state.wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                while any(state.bytes for state in self._peers.values()):
+                    self._progress.clear()
+                    await self._progress.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._flushing -= 1
+        return True
+
+    async def close(self) -> None:
+        """Stop every sender and close the connections; what is undelivered is counted as dropped (flush
+        first for a graceful leave)."""
+        self._closed = True
+        peers = list(self._peers.values())
+        self._peers.clear()
+        senders = [sender for state in peers for sender in state.senders]
+        for state in peers:
+            self._drop(state, "closing")
+            self._stop_sender(state)
+        await asyncio.gather(*senders, return_exceptions=True)
+        for state in peers:
+            if state.session is not None:
+                await state.session.close()
+        if self._closing_sessions:
+            await asyncio.gather(*self._closing_sessions, return_exceptions=True)
+
+    # -- queueing
+
+    def _refusing(self, peer: str) -> bool:
+        """Closed, or `peer`'s queue is full to the byte: refused before spending time on encoding."""
+        state = self._peers.get(peer)
+        return self._closed or (state is not None and state.bytes >= self.config.queue_bytes)
+
+    def _enqueue(self, peer: str, entry: _Entry, force: bool = False) -> bool:
+        state = self._peers.get(peer)
+        if state is None:
+            state = self._peers[peer] = _Peer(peer)
+        size = len(entry.body)
+        if state.bytes + size > self.config.queue_bytes and not force:
+            return self._refuse(peer, entry.spans, entry.decisions)
+        entry.queued_at = asyncio.get_running_loop().time()
+        state.queue.append(entry)
+        state.bytes += size
+        state.unsent_bytes += size
+        # The sender waits for the first message, then for a full batch or the delay.
+        if len(state.queue) == 1 or state.unsent_bytes >= self.config.max_batch_bytes:
+            state.wake.set()
+        if not state.senders:
+            self._start_sender(state)
+        return True
+
+    def _refuse(self, peer: str, spans: int, decisions: int) -> bool:
+        stats = self.peer_stats(peer)
+        stats.refused_spans += spans
+        stats.refused_decisions += decisions
+        if self._refusal_log.allow():
+            reason = "closed" if self._closed else f"queue full ({self.config.queue_bytes} bytes)"
+            log.warning(
+                "cluster forward to %s: %s, refused %d spans and %d decisions (%d similar messages "
+                "suppressed)",
+                peer,
+                reason,
+                spans,
+                decisions,
+                self._refusal_log.take_suppressed(),
+            )
+        return False
+
+    def _drop(self, state: _Peer, reason: str) -> None:
+        entries = state.entries()
+        spans = sum(entry.spans for entry in entries)
+        decisions = sum(entry.decisions for entry in entries)
+        if spans or decisions:
+            stats = self.peer_stats(state.address)
+            stats.dropped_spans += spans
+            stats.dropped_decisions += decisions
+            log.warning(
+                "cluster forward to %s: %s with %d spans and %d decisions undelivered",
+                state.address,
+                reason,
+                spans,
+                decisions,
+            )
+        state.queue.clear()
+        for lane in state.lanes:
+            lane.clear()
+        state.bytes = state.unsent_bytes = 0
+
+    def _start_sender(self, state: _Peer) -> None:
+        """`max_in_flight` senders, each with one request in flight: a peer busy with its own clients
+        reads a request body over many turns of its event loop, and one at a time would not keep up."""
+        loop = asyncio.get_running_loop()
+        state.lanes = [[] for _ in range(self.config.max_in_flight)]
+        state.senders = [
+            loop.create_task(self._send_loop(state, lane), name=f"cluster forward to {state.address}")
+            for lane in state.lanes
+        ]
+
+    def _stop_sender(self, state: _Peer) -> None:
+        """Cancel the senders; requests they had in flight go back to the front of the queue."""
+        for sender in state.senders:
+            sender.cancel()
+        state.senders = []
+        for entry in reversed(state.in_flight):
+            state.queue.appendleft(entry)
+            state.unsent_bytes += len(entry.body)
+        state.lanes = []
+
+    # -- sending
+
+    async def _send_loop(self, state: _Peer, lane: list[_Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        max_batch_bytes = self.config.max_batch_bytes
+        while True:
+            while not state.queue:
+                state.wake.clear()
+                await state.wake.wait()
+            deadline = state.queue[0].queued_at + self.config.max_delay
+            while state.unsent_bytes < max_batch_bytes and not self._flushing and loop.time() < deadline:
+                state.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await state.wake.wait()
+            size = 0
+            while state.queue and (not lane or size + len(state.queue[0].body) <= max_batch_bytes):
+                entry = state.queue.popleft()
+                size += len(entry.body)
+                lane.append(entry)
+            state.unsent_bytes -= size
+            if lane:
+                await self._deliver(state, lane)
+
+    async def _deliver(self, state: _Peer, lane: list[_Entry]) -> None:
+        """Send the entries in flight until the peer takes them or refuses them for good."""
+        stats = self.peer_stats(state.address)
+        interval = self.backoff.initial
+        failed = False
+        while True:
+            if failed:
+                stats.retries += 1
+            try:
+                await self._post(state, lane, encode_body(entry.body for entry in lane))
+            except _Retry as failure:
+                self._settle(state, lane, failure.accepted, stats, delivered=True)
+                stats.failures += 1
+                failed = True
+                if failure.delay is not None:
+                    delay = failure.delay
+                else:
+                    delay = min(self.backoff.maximum, interval * random.uniform(1 - JITTER, 1 + JITTER))
+                interval = min(self.backoff.maximum, interval * self.backoff.multiplier)
+                self._log_failure("%s; retrying in %.2fs", state.address, failure, delay)
+                await asyncio.sleep(delay)
+                continue
+            except _Rejected as rejection:
+                self._settle(state, lane, rejection.accepted, stats, delivered=True)
+                rejected = list(lane)
+                self._log_failure(
+                    "refused %d spans and %d decisions for good: %s",
+                    state.address,
+                    sum(entry.spans for entry in rejected),
+                    sum(entry.decisions for entry in rejected),
+                    rejection,
+                )
+                self._settle(state, lane, len(rejected), stats, delivered=False)
+                return
+            stats.requests += 1
+            self._settle(state, lane, len(lane), stats, delivered=True)
+            return
+
+    def _settle(
+        self, state: _Peer, lane: list[_Entry], count: int, stats: PeerStats, delivered: bool
+    ) -> None:
+        """Take the first `count` entries of a request in flight off the queue, as delivered or rejected."""
+        if not count:
+            return
+        done = lane[:count]
+        del lane[:count]
+        spans = sum(entry.spans for entry in done)
+        decisions = sum(entry.decisions for entry in done)
+        size = sum(len(entry.body) for entry in done)
+        state.bytes -= size
+        if delivered:
+            stats.spans += spans
+            stats.decisions += decisions
+            stats.bytes += size
+        else:
+            stats.rejected_spans += spans
+            stats.rejected_decisions += decisions
+        self._progress.set()
+
+    async def _post(self, state: _Peer, lane: list[_Entry], body: bytes) -> None:
+        """One attempt at delivering a request body; _Retry or _Rejected when it was not taken."""
+        if state.session is None:
+            state.session = self._session(state.address)
+        url = _url(state.address)
+        try:
+            async with state.session.post(url, data=body, headers={"Content-Type": CONTENT_TYPE}) as reply:
+                text = await reply.read()
+                if reply.status == 200:
+                    return
+                reason = f"HTTP {reply.status}: {text[:_ERROR_SNIPPET].decode(errors='replace')}"
+                accepted = _accepted(reply.headers.get(ACCEPTED_HEADER), len(lane))
+                if reply.status >= 500 or reply.status == 429:
+                    raise _Retry(reason, _retry_after(reply.headers.get("Retry-After")), accepted)
+                raise _Rejected(reason, accepted)
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise _Retry(f"{type(error).__name__}: {error}") from None
+        except (_Retry, _Rejected):
+            raise
+        except Exception as error:
+            # Whatever else fails (a bad peer address, a bug) must not end the sender: it keeps retrying,
+            # and saying why.
+            raise _Retry(f"unexpected {type(error).__name__}: {error}") from error
+
+    def _session(self, address: str) -> aiohttp.ClientSession:
+        connector: aiohttp.BaseConnector | None = None
+        if address.startswith("unix:"):
+            connector = aiohttp.UnixConnector(path=address.removeprefix("unix:"))
+        return aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.config.timeout)
+        )
+
+    def _log_failure(self, text: str, peer: str, *args: object) -> None:
+        if self._failure_log.allow():
+            log.warning(
+                "cluster forward to %s: " + text + " (%d similar messages suppressed)",
+                peer,
+                *args,
+                self._failure_log.take_suppressed(),
+            )
+
+
+def _url(address: str) -> str:
+    if address.startswith("unix:"):
+        return f"http://localhost{FORWARD_PATH}"
+    return f"http://{address}{FORWARD_PATH}"
+
+
+def _accepted(value: str | None, in_flight: int) -> int:
+    if value is None or not value.isdigit():
+        return 0
+    return min(int(value), in_flight)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header as PeerServer sends it (delta-seconds)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < math.inf else None

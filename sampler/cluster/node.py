@@ -1,0 +1,314 @@
+"""This gateway as a member of a cluster (`cluster:`) or of a local ring of workers (`workers: N`).
+
+Every trace id has one owner among the members (rendezvous hashing, sampler/cluster/ring.py). The buffer
+asks `router` about each trace id it does not hold: spans of traces this member owns are buffered, the
+others are left for `forward` to queue for their owners (sampler/cluster/forward.py). Spans peers forward
+arrive through the peer server and are routed again, so a member that has not yet seen a membership change
+does not split a trace for long.
+
+When the members change, buffered traces now owned elsewhere are handed to their new owner undecided,
+with the decisions this member made for traces it no longer owns, so late spans follow them there; what
+was still queued for a member that left goes to the new owners. On a graceful leave the member hands
+everything over before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from sampler.buffer import DecisionCache, ForeignOwner, Kept, SpanBatch, Trace, TraceBuffer
+from sampler.cluster.forward import ForwardedDecision, Forwarder, PeerServer
+from sampler.cluster.membership import Membership, RedisMembership, StaticMembership
+from sampler.cluster.ring import Ring
+from sampler.config import ForwardConfig
+from sampler.errors import DecodeError, PeerOverloaded
+from sampler.metrics import Metrics
+from sampler.otlp_wire import Scope, SpanGroup, encode_request
+from sampler.receivers.otlp_decode import decode_protobuf
+
+log = logging.getLogger(__name__)
+
+# A span forwarded this many times is buffered where it is, whatever the ring says: members that disagree
+# on the ring for a moment must not bounce it for ever.
+MAX_HOPS = 3
+# Traces (or decisions) handled per slice when handing over, before yielding to the event loop.
+_SLICE = 2000
+# How long a leaving member goes on taking spans from peers that have not yet seen it leave.
+LEAVE_GRACE = 0.5
+
+# Takes spans from peers (and spans to route again): the local ingest, which buffers those of this member's
+# traces and forwards the others (given how often they were forwarded already). Raises PeerOverloaded when
+# it cannot take them now.
+Accept = Callable[[list[SpanBatch], int], int]
+
+
+class ClusterNode:
+    """Routes spans to the owners of their traces and keeps the ring in step with the membership."""
+
+    def __init__(
+        self,
+        member_id: str,
+        membership: Membership,
+        forward: ForwardConfig,
+        buffer: TraceBuffer,
+        decisions: DecisionCache,
+        metrics: Metrics,
+        *,
+        endpoint: str,
+        unix_path: str | None = None,
+    ) -> None:
+        self.member_id = member_id
+        self.membership = membership
+        self.buffer = buffer
+        self.decisions = decisions
+        self.ring = Ring([member_id])
+        self.forwarder = Forwarder(forward)
+        self.server = PeerServer(
+            endpoint,
+            self._on_spans,
+            self._on_decisions,
+            on_traces=self._on_traces,
+            unix_path=unix_path,
+        )
+        # Set by the gateway: its ingest for spans from peers.
+        self.accept: Accept = _refuse
+        self.leaving = False
+        self._changes: asyncio.Queue[tuple[str, ...]] = asyncio.Queue()
+        self._rebalancer: asyncio.Task[None] | None = None
+        self._forwarded = metrics.cluster_forwarded_spans
+        self._handed_over = metrics.cluster_handed_over_traces
+        self._membership_changes = metrics.cluster_membership_changes
+        self._refused = metrics.cluster_forward_refused_spans
+        metrics.cluster_members.set_function(lambda: len(self.ring))
+        metrics.cluster_pending_spans.set_function(self._pending_spans)
+        metrics.callback_counter(
+            "tailgate_cluster_received_spans",
+            "Spans other members forwarded to this one (handed-over traces included).",
+            lambda: self.server.stats.spans,
+        )
+        metrics.callback_counter(
+            "tailgate_cluster_forward_failures",
+            "Forwarding attempts to other members that failed (connection, timeout, 5xx) and were retried.",
+            self._forward_failures,
+        )
+        store = membership if isinstance(membership, RedisMembership) else None
+        metrics.cluster_membership_connected.set_function(
+            lambda: 1 if store is None or store.connected else 0
+        )
+        metrics.callback_counter(
+            "tailgate_cluster_membership_errors",
+            "Membership store (Redis) operations that failed; the last known members are kept meanwhile.",
+            lambda: 0 if store is None else store.errors,
+        )
+        membership.subscribe(self._members_changed)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen for peers, join the membership, take its first view."""
+        await self.server.start()
+        await self.membership.start()
+        self.ring = Ring(self.membership.members or (self.member_id,))
+        self._rebalancer = asyncio.get_running_loop().create_task(self._rebalance_loop(), name="cluster")
+        log.info("cluster member %s: %d members %s", self.member_id, len(self.ring), list(self.ring.members))
+
+    async def leave(self, timeout: float) -> None:  # noqa: ASYNC109 - a deadline for the whole handover
+        """Graceful leave, after the receivers stopped: leave the membership, hand every buffered trace to
+        its new owner, deliver what is queued, then stop taking spans from peers (the gateway decides
+        what it still holds after this).
+
+        While leaving, spans peers still send are buffered here rather than routed on: when several
+        members stop at once they would otherwise pass traces back and forth. Such a trace may be decided
+        here without its spans handed over before: split, never lost.
+        """
+        self.leaving = True
+        with contextlib.suppress(Exception):
+            await self.membership.stop()
+        others = [member for member in self.ring.members if member != self.member_id]
+        if others and not isinstance(self.membership, StaticMembership):
+            self.ring = Ring(others)
+            await self._hand_over(self.ring)
+            # Peers that have not yet seen this member leave may still forward to it for a moment.
+            await asyncio.sleep(min(LEAVE_GRACE, timeout / 4))
+        # A static ring (workers, `peers`) stops together: each member decides its own traces.
+        if not await self.forwarder.flush(max(0.0, timeout / 2)):
+            log.warning("cluster: leaving with spans not yet delivered to peers")
+        await self.server.stop()
+
+    async def stop(self) -> None:
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
+            await asyncio.gather(self._rebalancer, return_exceptions=True)
+            self._rebalancer = None
+        if not self.leaving:
+            with contextlib.suppress(Exception):
+                await self.membership.stop()
+        await self.server.stop()
+        await self.forwarder.close()
+
+    # -- routing --------------------------------------------------------------------------------------
+
+    def router(self, hops: int) -> ForeignOwner | None:
+        """For one request: the owner of each trace id when it is another member (None when it is this
+        one), or no router at all when nothing is to be forwarded (a ring of one, a leaving member, or
+        spans already forwarded MAX_HOPS times, which are buffered where they are)."""
+        ring = self.ring
+        me = self.member_id
+        if hops >= MAX_HOPS or self.leaving or (len(ring) == 1 and me in ring):
+            return None
+        owner_of = ring.owner
+        owners: dict[bytes, str | None] = {}
+
+        def foreign_owner(trace_id: bytes) -> str | None:
+            try:
+                return owners[trace_id]
+            except KeyError:
+                owner = owner_of(trace_id)
+                found = owners[trace_id] = None if owner == me else owner
+                return found
+
+        return foreign_owner
+
+    def check_room(self) -> None:
+        """PeerOverloaded when the queue for some other member is full: the request is refused as a whole
+        (503) before anything of it is buffered, and its client sends it again."""
+        for peer in self.ring.members:
+            if peer != self.member_id and self.forwarder.full(peer):
+                raise PeerOverloaded(f"the queue of spans for cluster member {peer} is full; retry later")
+
+    def forward(self, foreign: dict[str, list[SpanBatch]], hops: int) -> None:
+        """Queue spans for their owners. Room was checked for the request as a whole; one request may
+        take a queue over its bound rather than lose what it already had accepted."""
+        for owner, batches in foreign.items():
+            spans = sum(len(batch.payloads) for batch in batches)
+            if self.forwarder.send_spans(owner, batches, hops + 1, force=True):
+                self._forwarded.labels(owner).inc(spans)
+            else:  # the forwarder is closed: shutting down
+                self._refused.inc(spans)
+                self.accept(batches, MAX_HOPS)
+
+    def _on_spans(self, batches: list[SpanBatch], hops: int) -> None:
+        self.accept(batches, hops)
+
+    def _on_traces(self, traces: list[list[SpanBatch]], hops: int) -> None:
+        for batches in traces:
+            self._on_spans(batches, hops)
+
+    def _on_decisions(self, decisions: list[ForwardedDecision]) -> None:
+        record = self.decisions.record
+        for decision in decisions:
+            record(decision.trace_id, Kept(decision.policy, decision.probability) if decision.kept else None)
+
+    # -- membership changes ---------------------------------------------------------------------------
+
+    def _members_changed(self, members: tuple[str, ...]) -> None:
+        self._changes.put_nowait(members)
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            members = await self._changes.get()
+            while not self._changes.empty():
+                members = self._changes.get_nowait()  # only the latest view matters
+            if self.leaving:
+                continue
+            try:
+                await self._apply(members)
+            except Exception:
+                log.exception("cluster: handing over after a membership change failed")
+
+    async def _apply(self, members: tuple[str, ...]) -> None:
+        old, new = self.ring, Ring(members if self.member_id in members else (*members, self.member_id))
+        if new == old:
+            return
+        self.ring = new
+        self._membership_changes.inc()
+        joined = sorted(set(new.members) - set(old.members))
+        left = sorted(set(old.members) - set(new.members))
+        log.info("cluster: members now %s (joined %s, left %s)", list(new.members), joined, left)
+        for peer in left:
+            # What was queued for a member that left goes to the new owners (or stays here).
+            for batches, hops in self.forwarder.take_undelivered(peer):
+                try:
+                    self.accept(batches, hops - 1)
+                except PeerOverloaded:
+                    self.accept(batches, MAX_HOPS)  # kept here rather than lost
+            self.forwarder.forget_peer(peer)
+        await self._hand_over(new, old)
+
+    async def _hand_over(self, ring: Ring, old: Ring | None = None) -> None:
+        """Send buffered traces, and the decisions this member made, that `ring` gives to other members."""
+        me = self.member_id
+        moving = [trace for trace in list(self.buffer.traces.values()) if ring.owner(trace.trace_id) != me]
+        for start in range(0, len(moving), _SLICE):
+            taken = self.buffer.take(moving[start : start + _SLICE])
+            by_owner: dict[str, list[list[SpanBatch]]] = {}
+            for trace in taken:
+                batches = trace_batches(trace)
+                if batches:
+                    by_owner.setdefault(ring.owner(trace.trace_id), []).append(batches)
+            for owner, traces in by_owner.items():
+                if self.forwarder.send_traces(owner, traces, 1):
+                    self._handed_over.labels(owner).inc(len(traces))
+                else:
+                    log.warning(
+                        "cluster: %d traces for %s refused (queue full); deciding them here",
+                        len(traces),
+                        owner,
+                    )
+                    for batches in traces:
+                        self.accept(batches, MAX_HOPS)
+            await asyncio.sleep(0)
+        await self._hand_over_decisions(ring, old)
+
+    async def _hand_over_decisions(self, ring: Ring, old: Ring | None) -> None:
+        me = self.member_id
+        decided: list[tuple[bytes, Kept | None]] = []
+        if self.decisions.kept is not None:
+            decided += list(self.decisions.kept.items())
+        if self.decisions.dropped is not None:
+            decided += [(trace_id, None) for trace_id in list(self.decisions.dropped)]
+        by_owner: dict[str, list[ForwardedDecision]] = {}
+        for start in range(0, len(decided), _SLICE):
+            for trace_id, kept in decided[start : start + _SLICE]:
+                if old is not None and old.owner(trace_id) != me:
+                    continue  # not ours before: its owner has it
+                owner = ring.owner(trace_id)
+                if owner != me:
+                    by_owner.setdefault(owner, []).append(
+                        ForwardedDecision(trace_id, True, kept.policy, kept.probability)
+                        if kept is not None
+                        else ForwardedDecision(trace_id, False, "", 1.0)
+                    )
+            await asyncio.sleep(0)
+        for owner, decisions in by_owner.items():
+            self.forwarder.send_decisions(owner, decisions)
+
+    def _peers(self) -> list[str]:
+        return [peer for peer in self.ring.members if peer != self.member_id]
+
+    def _pending_spans(self) -> float:
+        return float(sum(self.forwarder.pending(peer).spans for peer in self._peers()))
+
+    def _forward_failures(self) -> float:
+        return float(sum(self.forwarder.peer_stats(peer).failures for peer in self._peers()))
+
+
+def trace_batches(trace: Trace) -> list[SpanBatch]:
+    """A buffered trace's spans as the batches a receiver would have decoded."""
+    items = trace.items
+    groups: list[SpanGroup] = []
+    for index in range(0, len(items), 2):
+        scope, run = items[index], items[index + 1]
+        assert isinstance(scope, Scope) and isinstance(run, bytes)
+        groups.append((scope, run, 0))
+    try:
+        return decode_protobuf(encode_request(groups))
+    except DecodeError:
+        return []
+
+
+def _refuse(batches: Sequence[SpanBatch], hops: int) -> int:
+    raise PeerOverloaded("this member is not ready")

@@ -1,0 +1,470 @@
+"""The supervisor of `workers: N`: N gateway processes serving the same receiver ports, started again when
+they exit, stopped and reloaded together, their `/metrics` served merged on the admin endpoint.
+
+Contract with the workers:
+
+- The supervisor creates a private runtime directory D (removed when it exits) and starts worker i of N
+  as `python -m sampler run --config C --worker i/N --worker-dir D` (`worker_command`), directly, without
+  a shell, so that the pid it sees is the worker's. stdin is /dev/null; stdout and stderr are the
+  supervisor's. `parse_worker_slot` parses the `--worker` value.
+- The worker serves everything config C says except the admin endpoint, which it binds on 127.0.0.1:0:
+  config.admin.endpoint belongs to the supervisor. It listens for spans forwarded by the other workers on
+  the unix socket `worker_peer_path(D, i)` (removing a stale file there first); `local_members(D, N)`
+  lists every worker's socket, `unix:<path>`, in worker order.
+- Once started (receivers bound, admin endpoint up), the worker calls `announce_worker(D, i, admin_port)`,
+  which writes `D/worker-{i}.json` = {"pid", "admin_port"} atomically. The supervisor scrapes
+  http://127.0.0.1:<admin_port>/metrics from then on and counts the worker ready.
+- SIGTERM (or SIGINT): shut down cleanly and exit 0. SIGHUP: reload the config; the supervisor sends it
+  only to workers that have announced (one still starting gets it once it announces).
+- Exit status 2: config error; 1: cannot start (e.g. a port cannot be bound), as `tailgate run` exits.
+  Any exit the supervisor did not ask for starts the worker again with the same index after a backoff;
+  when the first start of every worker exits with 2, the supervisor gives up and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from sampler.config import Config
+from sampler.errors import TailgateError
+from sampler.logthrottle import LogThrottle
+from sampler.metrics_merge import cumulative, merge_families, parse_exposition, render
+
+log = logging.getLogger(__name__)
+
+# As `tailgate run` exits.
+EXIT_START_ERROR = 1
+EXIT_CONFIG_ERROR = 2
+# A worker that exited is started again after FIRST_BACKOFF, doubling up to MAX_BACKOFF while it keeps
+# exiting; back to FIRST_BACKOFF once a start has run for BACKOFF_RESET_AFTER.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 10.0
+BACKOFF_RESET_AFTER = 30.0
+# On shutdown, workers get shutdown_timeout plus this to exit before they are killed.
+SHUTDOWN_GRACE = 5.0
+# A worker that does not answer /metrics within this is left out of the merged reply.
+SCRAPE_TIMEOUT = 2.0
+ANNOUNCE_POLL_INTERVAL = 0.05
+
+# (index, count, runtime directory) → the command line of a worker process.
+WorkerCommand = Callable[[int, int, str], list[str]]
+
+
+def worker_command(config_path: str, index: int, count: int, directory: str) -> list[str]:
+    """The command line of worker `index` of `count`: `tailgate run` with the worker flags."""
+    return [
+        sys.executable,
+        "-m",
+        "sampler",
+        "run",
+        "--config",
+        config_path,
+        "--worker",
+        f"{index}/{count}",
+        "--worker-dir",
+        directory,
+    ]
+
+
+def parse_worker_slot(text: str) -> tuple[int, int]:
+    """`--worker i/N` → (i, N), 0 <= i < N; an argparse type."""
+    index, _, count = text.partition("/")
+    try:
+        slot = int(index), int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected INDEX/COUNT, e.g. 0/4") from None
+    if not 0 <= slot[0] < slot[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: the index must be in 0..COUNT-1")
+    return slot
+
+
+def announcement_path(directory: str, index: int) -> str:
+    return os.path.join(directory, f"worker-{index}.json")
+
+
+def worker_peer_path(directory: str, index: int) -> str:
+    """The unix socket worker `index` listens on for spans forwarded by the other workers."""
+    return os.path.join(directory, f"peer-{index}.sock")
+
+
+def local_members(directory: str, count: int) -> list[str]:
+    """Every worker's peer socket as a member id, `unix:<path>`, in worker order."""
+    return [f"unix:{worker_peer_path(directory, index)}" for index in range(count)]
+
+
+def announce_worker(directory: str, index: int, admin_port: int) -> None:
+    """Tell the supervisor that this worker is serving and where its admin endpoint is."""
+    path = announcement_path(directory, index)
+    staging = f"{path}.{os.getpid()}.tmp"
+    with open(staging, "w") as file:
+        json.dump({"pid": os.getpid(), "admin_port": admin_port}, file)
+    # A rename: the supervisor never reads a half-written file.
+    os.replace(staging, path)
+
+
+def read_announcement(directory: str, index: int) -> tuple[int, int] | None:
+    """(pid, admin port) announced by worker `index`; None if it has not announced."""
+    try:
+        with open(announcement_path(directory, index)) as file:
+            announced = json.load(file)
+        return int(announced["pid"]), int(announced["admin_port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_status(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return f"exit status {status}"
+
+
+@dataclass
+class WorkerSlot:
+    """Worker `index` and its current process; a process that exits is replaced by a new one."""
+
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    # Processes started so far; 1 while the first start runs.
+    generation: int = 0
+    # Set once the current process announced; cleared when it exits.
+    admin_port: int | None = None
+    # The current process's last /metrics that parsed; its counters join `Supervisor.retired` at exit.
+    last_families: list[Metric] = field(default_factory=list)
+    backoff: float = FIRST_BACKOFF
+    # SIGHUP arrived while the current process was still starting: sent once it announces.
+    reload_pending: bool = False
+    # The exit status of the first start when it exited without announcing.
+    first_start_status: int | None = None
+    # Whether the last process exited 0, or by the supervisor's SIGTERM before it served anything.
+    exited_cleanly: bool = True
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+
+class Supervisor:
+    """Starts `config.workers` worker processes, keeps them running, and serves the admin endpoint."""
+
+    def __init__(self, config_path: str, config: Config, command: WorkerCommand | None = None) -> None:
+        self.config = config
+        self.count = config.workers
+        self.command = command or partial(worker_command, config_path)
+        self.stop_timeout = config.shutdown_timeout + SHUTDOWN_GRACE
+        self.workers = [WorkerSlot(index) for index in range(self.count)]
+        self.directory = ""
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        Gauge("tailgate_workers", "Worker processes configured (`workers`).", registry=r).set(self.count)
+        alive = Gauge("tailgate_workers_alive", "Worker processes running.", registry=r)
+        alive.set_function(lambda: sum(worker.alive for worker in self.workers))
+        self.restarts = Counter(
+            "tailgate_worker_restarts", "Worker processes started again after one exited.", registry=r
+        )
+        self.scrape_failures = Counter(
+            "tailgate_worker_scrape_failures",
+            "Worker /metrics scrapes that failed, timed out or did not parse; their gauges were left out.",
+            registry=r,
+        )
+        # Counters, histograms and summaries of worker processes that have exited, as last scraped: the
+        # merged totals keep them so that they never go back when a worker is replaced.
+        self.retired: list[Metric] = []
+        # Set when the first start of every worker exited with status 2: the supervisor gives up.
+        self.start_failure: str | None = None
+        self.stopping = False
+        self._stop_requested = asyncio.Event()
+        self._supervising: list[asyncio.Task[None]] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._scrape_warnings = LogThrottle()
+        self.port: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return not self._stop_requested.is_set() and all(
+            w.alive and w.admin_port is not None for w in self.workers
+        )
+
+    async def start(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="tailgate-")
+        await self._start_admin()
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT))
+        self._supervising = [asyncio.create_task(self._supervise(worker)) for worker in self.workers]
+        self._watcher = asyncio.create_task(self._watch_announcements())
+        log.info("supervising %d workers (runtime directory %s)", self.count, self.directory)
+
+    async def stop(self) -> int:
+        """SIGTERM every worker, SIGKILL what is left after `stop_timeout`; 0 if all exited cleanly."""
+        self.stopping = True
+        self._stop_requested.set()
+        for worker in self.workers:
+            self._signal(worker, signal.SIGTERM)
+        if self._supervising:
+            _, running = await asyncio.wait(self._supervising, timeout=self.stop_timeout)
+            if running:
+                for worker in self.workers:
+                    if worker.alive:
+                        log.warning(
+                            "worker %d (pid %s) did not exit within %.1f s: killing it",
+                            worker.index,
+                            worker.pid,
+                            self.stop_timeout,
+                        )
+                        self._signal(worker, signal.SIGKILL)
+                await asyncio.wait(running)
+            for task in self._supervising:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("supervising a worker failed", exc_info=task.exception())
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        log.info("workers stopped")
+        return 0 if all(worker.exited_cleanly for worker in self.workers) else EXIT_START_ERROR
+
+    async def run_until_signalled(self) -> int:
+        """Supervise until SIGTERM or SIGINT, forwarding SIGHUP; the exit status for the command."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # release the admin port and the runtime directory before reporting
+            raise
+        await self._stop_requested.wait()
+        if self.start_failure is None:
+            log.info("shutdown requested")
+        status = await self.stop()
+        return EXIT_CONFIG_ERROR if self.start_failure is not None else status
+
+    def reload(self) -> None:
+        """Forward SIGHUP (reload the config) to every worker that is serving; one still starting gets
+        it once it announces, a worker not running reads the config when it starts."""
+        log.info("reloading the workers' config")
+        for worker in self.workers:
+            if worker.admin_port is not None:
+                self._signal(worker, signal.SIGHUP)
+            elif worker.alive:
+                worker.reload_pending = True
+
+    async def metrics_text(self) -> str:
+        """The supervisor's metrics and every announced worker's, merged."""
+        polled = [
+            (worker, worker.generation, worker.admin_port)
+            for worker in self.workers
+            if worker.admin_port is not None
+        ]
+        texts = await asyncio.gather(*(self._scrape(worker.index, port) for worker, _, port in polled))
+        parsed = await asyncio.to_thread(_parse_each, texts)
+        # From here to the merge, no await: a worker that exits meanwhile is either in the list below or
+        # (its last scrape) in `retired`, never both, never neither.
+        expositions = [parse_exposition(generate_latest(self.registry).decode()), self.retired]
+        for (worker, generation, _), families in zip(polled, parsed, strict=True):
+            if families is None:
+                self.scrape_failures.inc()
+            if worker.generation != generation or worker.admin_port is None:
+                continue  # exited since: its last scrape is in `retired`
+            if families is None:
+                # Its gauges are left out; its counters stay as last scraped, so the totals do not dip.
+                expositions.append(cumulative(worker.last_families))
+            else:
+                worker.last_families = families
+                expositions.append(families)
+        return await asyncio.to_thread(lambda: render(merge_families(expositions)))
+
+    async def _scrape(self, index: int, port: int | None) -> str | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"http://127.0.0.1:{port}/metrics") as reply:
+                if reply.status == 200:
+                    return await reply.text()
+                problem = f"HTTP {reply.status}"
+        except (aiohttp.ClientError, TimeoutError) as error:
+            problem = str(error) or type(error).__name__
+        if self._scrape_warnings.allow():
+            log.warning("worker %d (admin port %s) /metrics: %s", index, port, problem)
+        return None
+
+    async def _supervise(self, worker: WorkerSlot) -> None:
+        """Run worker `index`, and start it again after a backoff whenever it exits unasked."""
+        while not self._stop_requested.is_set():
+            if worker.generation > 0:
+                self.restarts.inc()
+            worker.generation += 1
+            worker.reload_pending = False
+            started = time.monotonic()
+            status = await self._run_process(worker)
+            ran = time.monotonic() - started
+            announced = self._retire(worker, status)
+            if self._stop_requested.is_set():
+                return
+            if worker.generation == 1 and not announced:
+                worker.first_start_status = status
+                if self._every_first_start_failed():
+                    return
+            if ran >= BACKOFF_RESET_AFTER:
+                worker.backoff = FIRST_BACKOFF
+            delay = worker.backoff
+            worker.backoff = min(delay * 2, MAX_BACKOFF)
+            log.error(
+                "worker %d (pid %s) exited (%s) after %.1f s; starting it again in %.1f s",
+                worker.index,
+                worker.pid,
+                describe_status(status),
+                ran,
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+
+    async def _run_process(self, worker: WorkerSlot) -> int:
+        """Start the worker's process and wait for it to exit; its exit status."""
+        command = self.command(worker.index, self.count, self.directory)
+        try:
+            worker.process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL)
+        except OSError as error:
+            log.error("worker %d: cannot run %s: %s", worker.index, command[0], error)
+            worker.process = None
+            return EXIT_START_ERROR
+        if self.stopping:
+            self._signal(worker, signal.SIGTERM)  # started while stop() was signalling the others
+        log.debug("worker %d started (pid %d)", worker.index, worker.process.pid)
+        return await worker.process.wait()
+
+    def _retire(self, worker: WorkerSlot, status: int) -> bool:
+        """Book the exit of the worker's process; whether it had announced."""
+        announced = worker.admin_port is not None or self._announced_port(worker) is not None
+        worker.exited_cleanly = status == 0 or (status == -signal.SIGTERM and not announced)
+        worker.admin_port = None
+        if worker.last_families:
+            self.retired = merge_families([self.retired, cumulative(worker.last_families)])
+            worker.last_families = []
+        for path in (
+            announcement_path(self.directory, worker.index),
+            worker_peer_path(self.directory, worker.index),
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return announced
+
+    def _every_first_start_failed(self) -> bool:
+        """Whether the first start of every worker exited with status 2: then the supervisor gives up."""
+        if {worker.first_start_status for worker in self.workers} != {EXIT_CONFIG_ERROR}:
+            return False
+        self.start_failure = (
+            f"no worker could start: each exited with status {EXIT_CONFIG_ERROR} at its first start"
+        )
+        self._stop_requested.set()
+        return True
+
+    def _announced_port(self, worker: WorkerSlot) -> int | None:
+        """The admin port the worker's current process announced, if it has."""
+        announced = read_announcement(self.directory, worker.index)
+        if announced is None or worker.process is None or announced[0] != worker.process.pid:
+            return None  # not yet, or left by the process before it
+        return announced[1]
+
+    async def _watch_announcements(self) -> None:
+        while True:
+            for worker in self.workers:
+                if worker.admin_port is None and worker.alive:
+                    worker.admin_port = self._announced_port(worker)
+                    if worker.admin_port is None:
+                        continue
+                    log.info(
+                        "worker %d ready (pid %s, admin port %d)", worker.index, worker.pid, worker.admin_port
+                    )
+                    if worker.reload_pending:
+                        worker.reload_pending = False
+                        self._signal(worker, signal.SIGHUP)
+            await asyncio.sleep(ANNOUNCE_POLL_INTERVAL)
+
+    def _signal(self, worker: WorkerSlot, signum: signal.Signals) -> None:
+        if worker.process is not None and worker.alive:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signum)
+
+    async def _start_admin(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        host, _, port = self.config.admin.endpoint.rpartition(":")
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+        await site.start()
+        for address in self._runner.addresses:
+            if isinstance(address, tuple):
+                self.port = int(address[1])
+        log.info("admin endpoint on %s:%s", host, self.port)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = await self.metrics_text()
+        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+
+def _parse_each(texts: list[str | None]) -> list[list[Metric] | None]:
+    """Each text's families; None for a text missing or malformed."""
+    parsed: list[list[Metric] | None] = []
+    for text in texts:
+        try:
+            parsed.append(None if text is None else parse_exposition(text))
+        except ValueError:
+            parsed.append(None)
+    return parsed
+
+
+def run_supervisor(config_path: str, config: Config, command: WorkerCommand | None = None) -> int:
+    """`tailgate run` with `workers` > 1: supervise the workers until signalled; the exit status."""
+    import uvloop
+
+    supervisor = Supervisor(config_path, config, command)
+    try:
+        status = uvloop.run(supervisor.run_until_signalled())
+    except (OSError, TailgateError) as error:
+        print(f"tailgate: cannot start: {error}", file=sys.stderr)
+        return EXIT_START_ERROR
+    if supervisor.start_failure is not None:
+        print(f"tailgate: {supervisor.start_failure}", file=sys.stderr)
+    return status

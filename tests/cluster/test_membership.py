@@ -1,0 +1,331 @@
+"""Cluster membership: the static list, and members that find each other through a real redis-server, leave,
+crash, ride out a Redis outage and restart, authenticate, and keep clusters apart by key prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from sampler.cluster.membership import RedisMembership, StaticMembership, build_membership
+from sampler.config import ClusterConfig, RedisMembershipConfig
+from sampler.errors import ConfigError
+from tests.cluster.redis_server import RedisServer
+from tests.conftest import free_port
+
+HEARTBEAT = 0.2
+PASSWORD = "s3cret-Pa55word"
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Wait until `condition()` holds, failing after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not true after {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+MemberFactory = Callable[..., Awaitable[RedisMembership]]
+
+
+@pytest.fixture
+async def start_member(redis_server: RedisServer) -> AsyncIterator[MemberFactory]:
+    """Starts RedisMemberships (on `redis_server` unless told otherwise) and stops them after the test."""
+    started: list[RedisMembership] = []
+
+    async def start(member_id: str, **config: object) -> RedisMembership:
+        settings: dict[str, object] = {
+            "address": redis_server.address,
+            "heartbeat": HEARTBEAT,
+            "timeout": 1.0,
+            "key_prefix": "test",
+        }
+        settings.update(config)
+        member = RedisMembership(RedisMembershipConfig.model_validate(settings), member_id)
+        await member.start()
+        started.append(member)
+        return member
+
+    yield start
+    for member in started:
+        await member.stop()
+
+
+async def member_keys(address: str, pattern: str = "test:member:*", **options: object) -> set[str]:
+    host, port = address.rsplit(":", 1)
+    client = Redis(host=host, port=int(port), decode_responses=True, **options)
+    try:
+        return {key async for key in client.scan_iter(match=pattern)}
+    finally:
+        await client.aclose()
+
+
+def all_see(members: list[RedisMembership], expected: list[str]) -> Callable[[], bool]:
+    wanted = tuple(sorted(expected))
+    return lambda: all(member.members == wanted for member in members)
+
+
+# --- static ---
+
+
+def test_static_members_are_sorted_and_must_include_this_member() -> None:
+    membership = StaticMembership(["10.0.0.2:4319", "10.0.0.1:4319", "10.0.0.2:4319"], "10.0.0.1:4319")
+    assert membership.members == ("10.0.0.1:4319", "10.0.0.2:4319")
+    with pytest.raises(ConfigError, match=r"cluster\.peers: must include this member's id '10.0.0.3:4319'"):
+        StaticMembership(["10.0.0.1:4319", "10.0.0.2:4319"], "10.0.0.3:4319")
+
+
+async def test_static_membership_never_changes() -> None:
+    cluster = ClusterConfig(endpoint="127.0.0.1:4319", peers=["127.0.0.1:4320", "127.0.0.1:4319"])
+    membership = build_membership(cluster)
+    assert isinstance(membership, StaticMembership)
+    seen: list[tuple[str, ...]] = []
+    membership.subscribe(seen.append)
+    await membership.start()
+    await membership.stop()
+    assert membership.members == ("127.0.0.1:4319", "127.0.0.1:4320")
+    assert seen == []
+
+
+def test_build_membership_picks_redis_when_configured() -> None:
+    cluster = ClusterConfig.model_validate(
+        {"endpoint": "127.0.0.1:4319", "advertise": "10.1.2.3:4319", "redis": {"address": "127.0.0.1:1"}}
+    )
+    membership = build_membership(cluster)
+    assert isinstance(membership, RedisMembership)
+    assert membership.member_id == "10.1.2.3:4319"
+    assert membership.members == ("10.1.2.3:4319",)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1:70000", "http://127.0.0.1:6379"])
+def test_an_unusable_address_is_a_config_error(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"^cluster\.redis\.address: "):
+        RedisMembership(RedisMembershipConfig(address=address), "a:1")
+
+
+# --- Redis ---
+
+
+async def test_members_see_each_other_and_report_changes(start_member: MemberFactory) -> None:
+    ids = ["127.0.0.1:4319", "10.0.0.2:4319", "unix:/run/tailgate/c.sock"]
+    first = await start_member(ids[0])
+    assert first.members == (ids[0],)
+    assert first.connected
+    seen: list[tuple[str, ...]] = []
+    first.subscribe(seen.append)
+    second = await start_member(ids[1])
+    # start() returns with a view read from Redis: the member already there is in it.
+    assert second.members == tuple(sorted(ids[:2]))
+    third = await start_member(ids[2])
+    members = [first, second, third]
+    await eventually(all_see(members, ids), what="all three see each other")
+    assert all(member.connected and member.errors == 0 for member in members)
+    # Callbacks get each new view, sorted, once per change.
+    assert seen == [tuple(sorted(ids[:2])), tuple(sorted(ids))]
+    assert first.changes == 2
+
+
+async def test_a_member_that_stops_is_gone_at_once(
+    start_member: MemberFactory, redis_server: RedisServer
+) -> None:
+    # A long timeout: the others must learn of the leave from its message, not from an expired key.
+    members = [await start_member(f"10.0.0.{n}:4319", timeout=10.0) for n in (1, 2, 3)]
+    await eventually(all_see(members, ["10.0.0.1:4319", "10.0.0.2:4319", "10.0.0.3:4319"]))
+    await members[2].stop()
+    await eventually(all_see(members[:2], ["10.0.0.1:4319", "10.0.0.2:4319"]), timeout=3.0, what="leave seen")
+    assert await member_keys(redis_server.address) == {
+        "test:member:10.0.0.1:4319",
+        "test:member:10.0.0.2:4319",
+    }
+
+
+async def test_a_crashed_member_is_dropped_when_its_key_expires(start_member: MemberFactory) -> None:
+    members = [await start_member(f"10.0.0.{n}:4319") for n in (1, 2, 3)]
+    everyone = ["10.0.0.1:4319", "10.0.0.2:4319", "10.0.0.3:4319"]
+    await eventually(all_see(members, everyone))
+    await members[2].abandon()
+    # Its key lives on for up to `timeout` (1 s): the others still count it for now.
+    assert all_see(members[:2], everyone)()
+    await eventually(all_see(members[:2], everyone[:2]), what="crashed member dropped")
+    assert [member.changes for member in members[:2]] == [3, 2]
+
+
+async def test_members_ride_out_a_redis_outage_and_register_again(
+    start_member: MemberFactory, redis_server: RedisServer
+) -> None:
+    everyone = ["10.0.0.1:4319", "10.0.0.2:4319", "10.0.0.3:4319"]
+    members = [await start_member(member_id, timeout=2.0) for member_id in everyone]
+    await eventually(all_see(members, everyone))
+    changes = [member.changes for member in members]
+
+    redis_server.kill()
+    await eventually(lambda: not any(member.connected for member in members), what="outage noticed")
+    errors = [member.errors for member in members]
+    await eventually(
+        lambda: all(member.errors >= count + 3 for member, count in zip(members, errors, strict=True)),
+        what="failed operations counted",
+    )
+    assert all_see(members, everyone)()
+
+    # Restarted empty, on the same port: every member registers again, and none is lost meanwhile.
+    redis_server.start()
+    await eventually(lambda: all(member.connected for member in members), what="reconnected")
+    expected_keys = {f"test:member:{member_id}" for member_id in everyone}
+    deadline = time.monotonic() + 5.0
+    while await member_keys(redis_server.address) != expected_keys:
+        assert time.monotonic() < deadline, "members did not register again"
+        await asyncio.sleep(0.05)
+    # Past the grace period after reconnecting, the view is read from Redis alone.
+    await asyncio.sleep(2.0 + 2 * HEARTBEAT)
+    assert all_see(members, everyone)()
+    assert [member.changes for member in members] == changes
+
+    # Membership works as before: a newcomer is seen by all.
+    newcomer = await start_member("10.0.0.4:4319", timeout=2.0)
+    await eventually(all_see([*members, newcomer], [*everyone, "10.0.0.4:4319"]))
+
+
+async def test_redis_unreachable_at_start(
+    start_member: MemberFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    started = time.monotonic()
+    member = await start_member("10.0.0.1:4319", address=f"127.0.0.1:{port}")
+    # start() gave up after `timeout` and runs alone.
+    assert time.monotonic() - started >= 1.0
+    assert member.members == ("10.0.0.1:4319",)
+    assert not member.connected
+    assert member.errors > 0
+    assert any(
+        "unreachable" in record.getMessage() and record.levelno == logging.WARNING
+        for record in caplog.records
+    )
+
+    with RedisServer(tmp_path / "late", port=port) as server:
+        await eventually(lambda: member.connected, what="joined once Redis is up")
+        assert await member_keys(server.address) == {"test:member:10.0.0.1:4319"}
+        other = await start_member("10.0.0.2:4319", address=server.address)
+        await eventually(all_see([member, other], ["10.0.0.1:4319", "10.0.0.2:4319"]))
+        await other.stop()
+        await member.stop()
+
+
+async def test_password_auth(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with RedisServer(tmp_path / "redis", password=PASSWORD) as server:
+        good = RedisMembership(
+            RedisMembershipConfig(
+                address=server.address, password=PASSWORD, heartbeat=HEARTBEAT, timeout=1.0
+            ),
+            "10.0.0.1:4319",
+        )
+        wrong = RedisMembership(
+            RedisMembershipConfig(
+                address=server.address, password="wrong-Pa55word", heartbeat=HEARTBEAT, timeout=1.0
+            ),
+            "10.0.0.2:4319",
+        )
+        missing = RedisMembership(
+            RedisMembershipConfig(address=server.address, heartbeat=HEARTBEAT, timeout=1.0), "10.0.0.3:4319"
+        )
+        await good.start()
+        await wrong.start()
+        await missing.start()
+        try:
+            assert good.connected
+            assert not wrong.connected
+            assert not missing.connected
+            # The refused members run alone, and are not in Redis.
+            assert wrong.members == ("10.0.0.2:4319",)
+            await asyncio.sleep(3 * HEARTBEAT)
+            assert good.members == ("10.0.0.1:4319",)
+            assert wrong.errors > 1
+        finally:
+            for member in (good, wrong, missing):
+                await member.stop()
+    refusals = [record for record in caplog.records if record.levelno == logging.ERROR]
+    assert len(refusals) == 2
+    for record in refusals:
+        assert "authentication failed" in record.getMessage()
+        assert "cluster.redis.password" in record.getMessage()
+    for record in caplog.records:
+        text = record.getMessage() + (record.exc_text or "")
+        assert PASSWORD not in text
+        assert "wrong-Pa55word" not in text
+
+
+async def test_url_addresses_with_credentials_db_and_unix_socket(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with RedisServer(tmp_path / "redis", password=PASSWORD) as server:
+        over_tcp = RedisMembership(
+            RedisMembershipConfig(
+                address=f"redis://:{PASSWORD}@127.0.0.1:{server.port}/2", heartbeat=HEARTBEAT, timeout=1.0
+            ),
+            "10.0.0.1:4319",
+        )
+        over_unix = RedisMembership(
+            RedisMembershipConfig(
+                address=f"unix://{server.unix_socket}?db=2",
+                password=PASSWORD,
+                heartbeat=HEARTBEAT,
+                timeout=1.0,
+            ),
+            "10.0.0.2:4319",
+        )
+        await over_tcp.start()
+        await over_unix.start()
+        try:
+            await eventually(all_see([over_tcp, over_unix], ["10.0.0.1:4319", "10.0.0.2:4319"]))
+            assert await member_keys(server.address, "tailgate:member:*", password=PASSWORD, db=2) == {
+                "tailgate:member:10.0.0.1:4319",
+                "tailgate:member:10.0.0.2:4319",
+            }
+            assert await member_keys(server.address, "*", password=PASSWORD, db=0) == set()
+        finally:
+            await over_tcp.stop()
+            await over_unix.stop()
+    assert any(f"redis://127.0.0.1:{server.port}/2" in record.getMessage() for record in caplog.records)
+    assert all(PASSWORD not in record.getMessage() for record in caplog.records)
+
+
+async def test_key_prefix_keeps_clusters_apart(start_member: MemberFactory) -> None:
+    # A prefix with glob characters must still match only its own keys.
+    blue = [await start_member(f"10.0.0.{n}:4319", key_prefix="blue") for n in (1, 2)]
+    green = [await start_member(f"10.0.0.{n}:4319", key_prefix="blue*") for n in (3, 4)]
+    await eventually(all_see(blue, ["10.0.0.1:4319", "10.0.0.2:4319"]))
+    await eventually(all_see(green, ["10.0.0.3:4319", "10.0.0.4:4319"]))
+    await green[1].stop()
+    await eventually(all_see(green[:1], ["10.0.0.3:4319"]))
+    await asyncio.sleep(2 * HEARTBEAT)
+    assert all_see(blue, ["10.0.0.1:4319", "10.0.0.2:4319"])()
+    assert all(member.changes == 0 for member in blue[1:])
+
+
+async def test_a_failing_callback_does_not_stop_updates(start_member: MemberFactory) -> None:
+    first = await start_member("10.0.0.1:4319")
+    seen: list[tuple[str, ...]] = []
+
+    def broken(members: tuple[str, ...]) -> None:
+        raise RuntimeError("callback bug")
+
+    first.subscribe(broken)
+    first.subscribe(seen.append)
+    second = await start_member("10.0.0.2:4319")
+    await eventually(lambda: len(seen) == 1)
+    await second.stop()
+    await eventually(lambda: len(seen) == 2)
+    assert seen == [("10.0.0.1:4319", "10.0.0.2:4319"), ("10.0.0.1:4319",)]

@@ -1,0 +1,378 @@
+"""The supervisor of `workers: N`, driving a stand-in worker program that keeps the workers' side of the
+contract (announce, /metrics, SIGTERM, SIGHUP, exit status); signal tests run the supervisor as a process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from sampler.config import parse_config
+from sampler.workers import (
+    Supervisor,
+    WorkerCommand,
+    announce_worker,
+    local_members,
+    parse_worker_slot,
+    read_announcement,
+    worker_command,
+    worker_peer_path,
+)
+from tests.conftest import ROOT, free_port, wait_for
+
+# A worker as the supervisor sees one. argv: index, runtime directory, events file, mode. Modes: serve;
+# exit2 (fail at start with status 2); fail-first-0 (worker 0's first start exits 2); ignore-term;
+# wait-for-go (announce only once `<events>.go` exists). Each start, stop and SIGHUP is appended to the
+# events file as `<event> <index> <pid>`.
+STAND_IN = """
+import os, signal, sys, threading, time
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from sampler.workers import announce_worker
+
+index, directory, events, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+def record(event):
+    with open(events, "a") as file:
+        file.write(f"{event} {index} {os.getpid()}\\n")
+
+failed_once = f"{events}.failed-{index}"
+if mode == "exit2" or (mode == "fail-first-0" and index == 0 and not os.path.exists(failed_once)):
+    open(failed_once, "w").close()
+    print(f"stand-in worker {index}: invalid config", file=sys.stderr)
+    sys.exit(2)
+registry = CollectorRegistry()
+Counter("stand_in_spans", "Spans received.", ["protocol"], registry=registry).labels("otlp").inc(5)
+reloads = Gauge("stand_in_reloads", "SIGHUPs received.", registry=registry)
+Gauge("tailgate_build_info", "Version.", ["version"], registry=registry).labels("0.1.0").set(1)
+stop = threading.Event()
+
+def on_hup(signum, frame):
+    reloads.inc()
+    record("hup")
+
+signal.signal(signal.SIGHUP, on_hup)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore-term" else lambda signum, frame: stop.set())
+server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+while mode == "wait-for-go" and not os.path.exists(events + ".go"):
+    time.sleep(0.02)
+record("start")
+announce_worker(directory, index, server.server_port)
+while not stop.wait(0.05):
+    pass
+record("stop")
+server.shutdown()
+"""
+
+# The supervisor as a process: `run_supervisor` with the stand-in as the worker command.
+LAUNCHER = """
+import logging, sys
+from sampler.config import load_config
+from sampler.workers import run_supervisor
+
+config_path, stand_in, events, mode = sys.argv[1:5]
+logging.basicConfig(level="INFO", format="supervisor %(levelname)s %(name)s: %(message)s")
+command = lambda index, count, directory: [sys.executable, stand_in, str(index), directory, events, mode]
+sys.exit(run_supervisor(config_path, load_config(config_path), command))
+"""
+
+
+def config_dict(tmp_path: Path, workers: int = 2) -> dict[str, Any]:
+    return {
+        "admin": {"endpoint": f"127.0.0.1:{free_port()}"},
+        "exporters": {"file": {"path": str(tmp_path / "kept.jsonl")}},
+        "workers": workers,
+        "shutdown_timeout": "1s",
+    }
+
+
+def events(tmp_path: Path) -> list[tuple[str, int, int]]:
+    path = tmp_path / "events"
+    if not path.exists():
+        return []
+    return [
+        (event, int(index), int(pid)) for event, index, pid in map(str.split, path.read_text().splitlines())
+    ]
+
+
+def pids(tmp_path: Path, event: str) -> dict[int, list[int]]:
+    """Pids per worker index that recorded `event`, in order."""
+    found: dict[int, list[int]] = {}
+    for name, index, pid in events(tmp_path):
+        if name == event:
+            found.setdefault(index, []).append(pid)
+    return found
+
+
+def stand_in_command(tmp_path: Path, mode: str = "serve") -> WorkerCommand:
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    return lambda index, count, directory: [
+        sys.executable,
+        str(script),
+        str(index),
+        directory,
+        str(tmp_path / "events"),
+        mode,
+    ]
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return found.value
+    return None
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as reply:
+        return reply.status, await reply.text()
+
+
+async def wait_ready(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process is None or process.poll() is None, "the supervisor exited"
+        try:
+            if (await get(port, "/readyz"))[0] == 200:
+                return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("the supervisor did not become ready")
+
+
+SupervisorFactory = Callable[..., Awaitable[Supervisor]]
+
+
+@pytest.fixture
+async def start_supervisor(tmp_path: Path) -> AsyncIterator[SupervisorFactory]:
+    """Supervisors in this test's event loop, with the stand-in as their worker; stopped at the end."""
+    started: list[Supervisor] = []
+
+    async def start(mode: str = "serve", workers: int = 2) -> Supervisor:
+        config = parse_config(config_dict(tmp_path, workers))
+        supervisor = Supervisor("unused.yaml", config, stand_in_command(tmp_path, mode))
+        started.append(supervisor)
+        await supervisor.start()
+        return supervisor
+
+    yield start
+    for supervisor in started:
+        if not supervisor.stopping:
+            await supervisor.stop()
+
+
+def supervisor_process(tmp_path: Path, mode: str = "serve") -> tuple[list[str], int, Path]:
+    """The command line of a supervisor process, its admin port, and the TMPDIR it makes its runtime
+    directory in."""
+    config = config_dict(tmp_path)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    stand_in = tmp_path / "stand_in.py"
+    stand_in.write_text(STAND_IN)
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    command = [sys.executable, str(launcher), str(config_path), str(stand_in), str(tmp_path / "events"), mode]
+    return command, int(config["admin"]["endpoint"].rsplit(":", 1)[1]), runtime
+
+
+def popen(command: list[str], runtime: Path, **options: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TMPDIR": str(runtime)}, **options)
+
+
+def test_worker_contract_helpers(tmp_path: Path) -> None:
+    directory = str(tmp_path)
+    assert worker_command("c.yaml", 1, 4, directory) == [
+        sys.executable,
+        "-m",
+        "sampler",
+        "run",
+        "--config",
+        "c.yaml",
+        "--worker",
+        "1/4",
+        "--worker-dir",
+        directory,
+    ]
+    assert parse_worker_slot("1/4") == (1, 4)
+    for bad in ("4/4", "x/2", "1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"INDEX|COUNT"):
+            parse_worker_slot(bad)
+    assert local_members(directory, 2) == [f"unix:{worker_peer_path(directory, i)}" for i in range(2)]
+    assert read_announcement(directory, 1) is None
+    announce_worker(directory, 1, 12345)
+    assert read_announcement(directory, 1) == (os.getpid(), 12345)
+    assert sorted(os.listdir(directory)) == ["worker-1.json"]
+
+
+async def test_ready_once_every_worker_announced_and_a_reload_waits_for_it(
+    tmp_path: Path, start_supervisor: SupervisorFactory
+) -> None:
+    supervisor = await start_supervisor("wait-for-go")
+    assert supervisor.port is not None
+    assert await get(supervisor.port, "/healthz") == (200, "ok\n")
+    await wait_for(lambda: all(worker.alive for worker in supervisor.workers))
+    assert (await get(supervisor.port, "/readyz"))[0] == 503
+    # Workers still starting get the SIGHUP once they announce, not before (it would kill them).
+    supervisor.reload()
+    (tmp_path / "events.go").touch()
+    await wait_ready(supervisor.port)
+    await wait_for(lambda: sorted(pids(tmp_path, "hup")) == [0, 1])
+    assert pids(tmp_path, "hup") == pids(tmp_path, "start")
+
+
+async def test_metrics_are_the_sum_of_the_workers_and_the_supervisors_own(
+    start_supervisor: SupervisorFactory,
+) -> None:
+    supervisor = await start_supervisor(workers=3)
+    assert supervisor.port is not None
+    await wait_ready(supervisor.port)
+    status, text = await get(supervisor.port, "/metrics")
+    assert status == 200
+    assert sample(text, "stand_in_spans_total", protocol="otlp") == 15
+    assert sample(text, "tailgate_build_info", version="0.1.0") == 1
+    assert sample(text, "tailgate_workers") == 3
+    assert sample(text, "tailgate_workers_alive") == 3
+    assert sample(text, "tailgate_worker_restarts_total") == 0
+    assert sample(text, "tailgate_worker_scrape_failures_total") == 0
+
+
+async def test_a_killed_worker_is_restarted_and_its_counts_are_kept(
+    tmp_path: Path, start_supervisor: SupervisorFactory
+) -> None:
+    supervisor = await start_supervisor()
+    assert supervisor.port is not None
+    await wait_ready(supervisor.port)
+    _, text = await get(supervisor.port, "/metrics")
+    assert sample(text, "stand_in_spans_total", protocol="otlp") == 10
+    killed = supervisor.workers[0].pid
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    await wait_for(lambda: len(pids(tmp_path, "start").get(0, [])) == 2)
+    await wait_ready(supervisor.port)
+    restarted = supervisor.workers[0].pid
+    assert restarted not in (None, killed)
+    assert read_announcement(supervisor.directory, 0) == (restarted, supervisor.workers[0].admin_port)
+    _, text = await get(supervisor.port, "/metrics")
+    assert sample(text, "tailgate_worker_restarts_total") == 1
+    assert sample(text, "tailgate_workers_alive") == 2
+    # What the killed worker had counted stays in the total: 5 from it, 5 from each running worker.
+    assert sample(text, "stand_in_spans_total", protocol="otlp") == 15
+
+
+async def test_a_worker_failing_its_first_start_is_started_again_while_another_runs(
+    tmp_path: Path, start_supervisor: SupervisorFactory
+) -> None:
+    supervisor = await start_supervisor("fail-first-0")
+    assert supervisor.port is not None
+    await wait_ready(supervisor.port)
+    assert supervisor.start_failure is None
+    assert sorted(pids(tmp_path, "start")) == [0, 1]
+    _, text = await get(supervisor.port, "/metrics")
+    assert sample(text, "tailgate_worker_restarts_total") == 1
+
+
+async def test_workers_that_ignore_sigterm_are_killed_after_the_timeout(
+    tmp_path: Path, start_supervisor: SupervisorFactory
+) -> None:
+    supervisor = await start_supervisor("ignore-term")
+    assert supervisor.port is not None
+    await wait_ready(supervisor.port)
+    supervisor.stop_timeout = 0.3
+    assert await supervisor.stop() == 1
+    assert [worker.process.returncode for worker in supervisor.workers if worker.process] == [
+        -signal.SIGKILL
+    ] * 2
+    assert not await asyncio.to_thread(os.path.exists, supervisor.directory)
+
+
+async def test_sigterm_stops_every_worker_and_the_supervisor_exits_0(tmp_path: Path) -> None:
+    command, admin_port, runtime = supervisor_process(tmp_path)
+    process = popen(command, runtime)
+    try:
+        await wait_ready(admin_port, process)
+        started = pids(tmp_path, "start")
+        assert sorted(started) == [0, 1]
+        process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(process.wait, 20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert returncode == 0
+    assert pids(tmp_path, "stop") == started
+    for [pid] in started.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert list(runtime.iterdir()) == []  # the runtime directory is gone
+
+
+async def test_sighup_is_forwarded_to_every_worker(tmp_path: Path) -> None:
+    command, admin_port, runtime = supervisor_process(tmp_path)
+    process = popen(command, runtime)
+    try:
+        await wait_ready(admin_port, process)
+        process.send_signal(signal.SIGHUP)
+        await wait_for(lambda: sorted(pids(tmp_path, "hup")) == [0, 1])
+        assert pids(tmp_path, "hup") == pids(tmp_path, "start")
+        _, text = await get(admin_port, "/metrics")
+        assert sample(text, "stand_in_reloads") == 2
+        assert sample(text, "tailgate_worker_restarts_total") == 0
+        process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(process.wait, 20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert returncode == 0
+
+
+def test_every_worker_failing_its_first_start_with_status_2_exits_2(tmp_path: Path) -> None:
+    command, _, runtime = supervisor_process(tmp_path, "exit2")
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "stand-in worker 0: invalid config" in result.stderr
+    assert "tailgate: no worker could start" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(runtime.iterdir()) == []
+
+
+def test_an_admin_port_in_use_is_a_start_error(tmp_path: Path) -> None:
+    command, admin_port, runtime = supervisor_process(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", admin_port))
+        taken.listen()
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "TMPDIR": str(runtime)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "tailgate: cannot start" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert events(tmp_path) == []  # no worker was started
+    assert list(runtime.iterdir()) == []
