@@ -61,6 +61,13 @@ class LoadGenerator:
         self.stopping = False
         self.spans_sent = 0
         self.max_spans: int | None = None
+        # Other gateways (cluster members) the connections are spread over.
+        self.extra_ports: list[int] = []
+
+    def _connection_ports(self) -> list[int]:
+        """The port of each connection: round-robin over the gateway's port and `extra_ports`."""
+        ports = [self.port, *self.extra_ports]
+        return [ports[n % len(ports)] for n in range(self.connections)]
 
     def _head(self, length: int) -> bytes:
         head = self._heads.get(length)
@@ -91,7 +98,7 @@ class LoadGenerator:
             await reader.read()
         return status, keep_alive
 
-    async def _connection(self) -> None:
+    async def _connection(self, port: int) -> None:
         counters = self.counters
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
@@ -101,7 +108,7 @@ class LoadGenerator:
                     return
                 if writer is None:
                     try:
-                        reader, writer = await asyncio.open_connection(self.host, self.port)
+                        reader, writer = await asyncio.open_connection(self.host, port)
                     except OSError:
                         counters.connection_errors += 1
                         await asyncio.sleep(0.05)
@@ -144,7 +151,7 @@ class LoadGenerator:
 
     async def run_for(self, warmup: float, duration: float) -> dict[str, Any]:
         """Load for warm-up + duration seconds; count only responses completed in the window."""
-        tasks = [asyncio.create_task(self._connection()) for _ in range(self.connections)]
+        tasks = [asyncio.create_task(self._connection(port)) for port in self._connection_ports()]
         try:
             await asyncio.sleep(warmup)
             return await self._measure(duration, tasks)
@@ -154,7 +161,7 @@ class LoadGenerator:
     async def run_count(self, spans: int, limit: float) -> dict[str, Any]:
         """Send `spans` spans (rounded up to whole requests) as fast as the server acknowledges."""
         self.max_spans = spans
-        tasks = [asyncio.create_task(self._connection()) for _ in range(self.connections)]
+        tasks = [asyncio.create_task(self._connection(port)) for port in self._connection_ports()]
         try:
             return await self._measure(limit, tasks)
         finally:
@@ -207,9 +214,9 @@ class LoadGenerator:
 class GRPCLoadGenerator(LoadGenerator):
     """The same load over OTLP/gRPC: one channel (one HTTP/2 connection) per connection slot."""
 
-    async def _connection(self) -> None:
+    async def _connection(self, port: int) -> None:
         channel = grpc.aio.insecure_channel(
-            f"{self.host}:{self.port}", options=[("grpc.max_send_message_length", 64 << 20)]
+            f"{self.host}:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
         )
         export = channel.unary_unary(EXPORT_METHOD)
         try:
@@ -236,6 +243,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     pool = load_pool(args.pool) if args.pool else build_pool(seed=args.seed)
     kind = GRPCLoadGenerator if args.protocol == "grpc" else LoadGenerator
     generator = kind(BodyStream(pool), args.host, args.port, args.path, args.connections)
+    if isinstance(generator, LoadGenerator) and args.extra_ports:
+        generator.extra_ports = [int(port) for port in args.extra_ports.split(",")]
     if args.spans:
         result = await generator.run_count(args.spans, args.timeout)
     else:
@@ -250,6 +259,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--extra-ports", default="", help="more ports, comma-separated, for the connections")
     parser.add_argument("--path", default="/v1/traces", help="the OTLP/HTTP path")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds")

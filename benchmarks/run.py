@@ -36,6 +36,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 HOST = "127.0.0.1"
 RSS_GOAL_BYTES = 400
 RATIO_GOAL = 0.5
+SCALEOUT_GOAL = 0.8
 WARMUP_SPANS = 20_480
 
 PIPELINE_CONFIG = """\
@@ -312,20 +313,22 @@ class Bench:
             assert process.stdout is not None
             process.stdout.close()
 
-    def throughput(self, port: int, server: Child, protocol: str = "http") -> dict[str, Any]:
-        """Timed load; the server's CPU is sampled at the load generator's window edges."""
+    def throughput(
+        self, port: int, server: Child, protocol: str = "http", more: list[tuple[int, Child]] | None = None
+    ) -> dict[str, Any]:
+        """Timed load; the servers' CPU (each with its descendants) is sampled at the load generator's
+        window edges. `more`: other gateways (cluster members) the connections are spread over."""
         cpu: dict[str, float] = {}
+        servers = [server, *(child for _, child in more or [])]
 
         def on_event(kind: str) -> None:
-            cpu[kind] = cpu_seconds(server.pid)
+            cpu[kind] = sum(cpu_seconds(child.pid) for child in servers)
 
         args = self.args
-        result = self.loadgen(
-            port,
-            ["--duration", str(args.duration), "--warmup", str(args.warmup), "--protocol", protocol],
-            deadline=args.duration + args.warmup + 30,
-            on_event=on_event,
-        )
+        extra = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--protocol", protocol]
+        if more:
+            extra += ["--extra-ports", ",".join(str(member_port) for member_port, _ in more)]
+        result = self.loadgen(port, extra, deadline=args.duration + args.warmup + 30, on_event=on_event)
         server_cpu = cpu["measure_stop"] - cpu["measure_start"]
         result["server_cpu_seconds"] = round(server_cpu, 3)
         result["server_cpu_utilization"] = round(server_cpu / result["seconds"], 3)
@@ -428,6 +431,54 @@ class Bench:
             return result
         finally:
             self.stop(gateway)
+
+    def run_scaleout(self, downstream_port: int) -> dict[str, dict[str, Any]]:
+        """The same load on 1 process, 2 workers (`workers: 2`) and 3 cluster members (static peers, the
+        connections spread over them): spans per CPU-second of all the gateway processes together."""
+        runs: dict[str, dict[str, Any]] = {}
+        tail = {
+            "decision_wait": "2s",
+            "root_wait": "0.5s",
+            "num_traces": 200_000,
+            "max_buffered_spans": 4_000_000,
+        }
+        for name, members, extra in (
+            ("1 process", 1, ""),
+            ("2 workers", 1, "workers: 2\n"),
+            ("3 members", 3, None),
+            # Controls: the same processes without a ring (each decides what it gets, nothing forwarded),
+            # which shows what running several processes on this machine costs by itself.
+            ("2 independent", 2, ""),
+            ("3 independent", 3, ""),
+        ):
+            self.log(f"-- scale-out, {name}: {self.args.duration:.0f}s of load")
+            peers = [f"{HOST}:{free_port()}" for _ in range(members)]
+            started: list[tuple[int, int, Child]] = []
+            try:
+                for index, peer in enumerate(peers):
+                    cluster = (
+                        f"cluster: {{endpoint: '{peer}', peers: [{', '.join(repr(p) for p in peers)}]}}\n"
+                        if extra is None
+                        else extra
+                    )
+                    config, ports, admin_port = self.gateway_config(
+                        f"scaleout-{index}", downstream_port, extra=cluster, **tail
+                    )
+                    child = self.start_gateway(f"scaleout-{index}", config, admin_port)
+                    started.append((ports["http"], admin_port, child))
+                (port, _, first), others = started[0], started[1:]
+                result = self.throughput(port, first, "http", [(p, child) for p, _, child in others])
+                texts = [self.metrics(admin) for _, admin, _ in started]
+                received = "tailgate_receiver_spans_total"
+                labels = {"protocol": "otlp_http", "outcome": "accepted"}
+                accepted = sum(metric_value(text, received, **labels) or 0.0 for text in texts)
+                forwarded = sum(_sum_family(text, "tailgate_cluster_forwarded_spans_total") for text in texts)
+                result["forwarded_share"] = forwarded / accepted if accepted else 0.0
+                runs[name] = result
+            finally:
+                for _, _, child in started:
+                    self.stop(child)
+        return runs
 
     def run_memory(self, downstream_port: int) -> dict[str, Any]:
         spans = self.args.memory_spans
@@ -553,12 +604,24 @@ class Bench:
                     report["wal_cost_rounds"] = sorted(
                         round(1 - wal[0] / plain[0], 3) for plain, wal in zip(rounds, wal_rounds, strict=True)
                     )
+                if not args.skip_scaleout:
+                    scaleout = [self.run_scaleout(downstream_port) for _ in range(args.rounds)]
+                    report["scaleout"] = _scaleout_summary(scaleout)
                 if not args.skip_memory:
                     report["memory"] = self.run_memory(downstream_port)
             finally:
                 self.stop(downstream)
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
         return report
+
+
+def _sum_family(text: str, name: str) -> float:
+    """The sum of every sample of `name`, whatever its labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.split("{", 1)[0].split(" ", 1)[0] == name:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _versus(
@@ -576,6 +639,27 @@ def _median(
     rounds: list[tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]],
 ) -> tuple[float, dict[str, Any], dict[str, Any], dict[str, float]]:
     return sorted(rounds, key=lambda item: item[0])[len(rounds) // 2]
+
+
+def _scaleout_summary(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """Per setup: the median round's rates, its ratio to the single process of the same round, and the
+    share of spans forwarded to another process."""
+    summary: dict[str, Any] = {}
+    for name in rounds[0]:
+        ratios = sorted(
+            round(run[name]["spans_per_cpu_second"] / run["1 process"]["spans_per_cpu_second"], 3)
+            for run in rounds
+        )
+        median = sorted(rounds, key=lambda run: run[name]["spans_per_cpu_second"])[len(rounds) // 2][name]
+        summary[name] = {
+            "spans_per_second": median["spans_per_second"],
+            "spans_per_cpu_second": median["spans_per_cpu_second"],
+            "server_cpu_utilization": median["server_cpu_utilization"],
+            "forwarded_share": median["forwarded_share"],
+            "ratio_rounds": ratios,
+            "ratio": ratios[len(ratios) // 2],
+        }
+    return summary
 
 
 def _fmt(value: float | None, spec: str = ",.0f") -> str:
@@ -636,6 +720,18 @@ def print_table(report: dict[str, Any]) -> None:
             if len(rounds) > 1:
                 listed = ", ".join(f"{value:.2f}" for value in rounds)
                 print(f"  spans/CPU-s ratio by round (sorted): {listed}; the median round is shown above")
+    scaleout = report.get("scaleout")
+    if scaleout:
+        print(f"\nscale-out (spans sent round-robin over the processes; goal: ratio ≥ {SCALEOUT_GOAL})")
+        header = f"{'setup':<14}{'spans/s':>12}{'spans/CPU-s':>14}{'CPU':>8}{'forwarded':>11}{'ratio':>8}"
+        print(f"{header}  by round")
+        for name, run in scaleout.items():
+            rounds = ", ".join(f"{value:.2f}" for value in run["ratio_rounds"])
+            print(
+                f"{name:<14}{_fmt(run['spans_per_second']):>12}{_fmt(run['spans_per_cpu_second']):>14}"
+                f"{run['server_cpu_utilization']:>8.0%}{run['forwarded_share']:>11.0%}{run['ratio']:>8.2f}"
+                f"  {rounds}"
+            )
     cost = report.get("wal_cost_rounds")
     if cost:
         listed = ", ".join(f"{value:.1%}" for value in cost)
@@ -690,6 +786,7 @@ def main() -> int:
     parser.add_argument("--skip-grpc", action="store_true", help="no OTLP/gRPC runs")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-wal", action="store_true", help="no durability: wal runs")
+    parser.add_argument("--skip-scaleout", action="store_true", help="no workers / cluster runs")
     parser.add_argument("--wal-fsync", choices=["always", "batch", "never"], default="batch")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
