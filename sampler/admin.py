@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sampler.metrics import Metrics
+
+# The body of GET /metrics: a Prometheus text exposition.
+RenderMetrics = Callable[[], Awaitable[bytes]]
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +19,9 @@ log = logging.getLogger(__name__)
 class AdminServer:
     """The admin HTTP server, on its own port so that ingest traffic never reaches it."""
 
-    def __init__(self, endpoint: str, metrics: Metrics, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, endpoint: str, render: RenderMetrics, is_ready: Callable[[], bool]) -> None:
         self.endpoint = endpoint
-        self.metrics = metrics
+        self.render = render
         self.is_ready = is_ready
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -44,7 +47,7 @@ class AdminServer:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        body = await self.render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -54,3 +57,12 @@ class AdminServer:
         if self.is_ready():
             return web.Response(text="ready\n")
         return web.Response(status=503, text="not ready\n")
+
+
+def registry_renderer(metrics: Metrics) -> RenderMetrics:
+    """/metrics of one gateway: its own registry."""
+
+    async def render() -> bytes:
+        return generate_latest(metrics.registry)
+
+    return render

@@ -12,7 +12,7 @@ import time
 from functools import partial
 
 from policies.registry import build_policies
-from sampler.admin import AdminServer
+from sampler.admin import AdminServer, registry_renderer
 from sampler.buffer import DecisionCache, SpanBatch, TraceBuffer
 from sampler.cluster.membership import StaticMembership, build_membership
 from sampler.cluster.node import ClusterNode
@@ -105,7 +105,7 @@ class Gateway:
                 "cluster", self.buffer, self.metrics, self.decider.count_late, None, self.pressure, self.wal
             )
             self.cluster.accept = partial(_accept_from_peer, from_peers)
-        self.admin = AdminServer(config.admin.endpoint, self.metrics, lambda: self.ready)
+        self.admin = AdminServer(config.admin.endpoint, registry_renderer(self.metrics), lambda: self.ready)
         # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
         self.reloader = (
             None

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import aiohttp
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from sampler.admin import AdminServer
 from sampler.config import Config
 from sampler.errors import TailgateError
 from sampler.logthrottle import LogThrottle
@@ -197,7 +197,7 @@ class Supervisor:
         self._stop_requested = asyncio.Event()
         self._supervising: list[asyncio.Task[None]] = []
         self._watcher: asyncio.Task[None] | None = None
-        self._runner: web.AppRunner | None = None
+        self.admin = AdminServer(config.admin.endpoint, self._render_metrics, lambda: self.ready)
         self._session: aiohttp.ClientSession | None = None
         self._scrape_warnings = LogThrottle()
         self.port: int | None = None
@@ -210,7 +210,8 @@ class Supervisor:
 
     async def start(self) -> None:
         self.directory = tempfile.mkdtemp(prefix="tailgate-")
-        await self._start_admin()
+        await self.admin.start()
+        self.port = self.admin.port
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT))
         self._supervising = [asyncio.create_task(self._supervise(worker)) for worker in self.workers]
         self._watcher = asyncio.create_task(self._watch_announcements())
@@ -244,9 +245,7 @@ class Supervisor:
                 await self._watcher
         if self._session is not None:
             await self._session.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self.admin.stop()
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
         log.info("workers stopped")
@@ -416,32 +415,8 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signum)
 
-    async def _start_admin(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        host, _, port = self.config.admin.endpoint.rpartition(":")
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
-        await site.start()
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
-        log.info("admin endpoint on %s:%s", host, self.port)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        body = await self.metrics_text()
-        return web.Response(body=body.encode(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        if self.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+    async def _render_metrics(self) -> bytes:
+        return (await self.metrics_text()).encode()
 
 
 def _parse_each(texts: list[str | None]) -> list[list[Metric] | None]:

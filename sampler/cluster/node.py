@@ -120,9 +120,9 @@ class ClusterNode:
         its new owner, deliver what is queued, then stop taking spans from peers (the gateway decides
         what it still holds after this).
 
-        While leaving, spans peers still send are buffered here rather than routed on: when several
-        members stop at once they would otherwise pass traces back and forth. Such a trace may be decided
-        here without its spans handed over before: split, never lost.
+        Spans peers still send meanwhile (they have not yet seen this member leave) are routed on to the
+        new owners. Members stopping at the same moment may pass spans back and forth: after MAX_HOPS
+        forwards they are buffered where they are, and decided there.
         """
         self.leaving = True
         with contextlib.suppress(Exception):
@@ -153,11 +153,12 @@ class ClusterNode:
 
     def router(self, hops: int) -> ForeignOwner | None:
         """For one request: the owner of each trace id when it is another member (None when it is this
-        one), or no router at all when nothing is to be forwarded (a ring of one, a leaving member, or
-        spans already forwarded MAX_HOPS times, which are buffered where they are)."""
+        one), or no router at all when nothing is to be forwarded (a ring of one, or spans already
+        forwarded MAX_HOPS times, which are buffered where they are). A leaving member is no longer in
+        its own ring: it forwards everything."""
         ring = self.ring
         me = self.member_id
-        if hops >= MAX_HOPS or self.leaving or (len(ring) == 1 and me in ring):
+        if hops >= MAX_HOPS or (len(ring) == 1 and me in ring):
             return None
         owner_of = ring.owner
         owners: dict[bytes, str | None] = {}
