@@ -21,7 +21,7 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -107,8 +107,15 @@ Message = SpansMessage | TracesMessage | DecisionsMessage
 
 def encode_spans(batches: Sequence[SpanBatch], hops: int) -> bytes:
     """A SPANS message."""
-    packed: bytes = msgpack.packb([SPANS, hops, _request(batches)], use_bin_type=True)
-    return packed
+    return b"".join(spans_message(batches, hops))
+
+
+def spans_message(batches: Sequence[SpanBatch], hops: int) -> tuple[bytes, bytes]:
+    """A SPANS message as two parts: the msgpack array and bin headers, then the request itself, which
+    is not copied into a msgpack buffer."""
+    request = _request(batches)
+    header = _ARRAY_OF_3 + msgpack.packb(SPANS) + msgpack.packb(hops) + _BIN32.pack(0xC6, len(request))
+    return header, request
 
 
 def encode_traces(traces: Sequence[Sequence[SpanBatch]], hops: int) -> bytes:
@@ -132,10 +139,14 @@ def encode_decisions(decisions: Iterable[ForwardedDecision]) -> bytes:
     return packed
 
 
+_VERSION: bytes = msgpack.packb(FORMAT_VERSION)
+_ARRAY_OF_3 = b"\x93"  # msgpack fixarray of 3
+_BIN32 = struct.Struct(">BI")  # msgpack bin 32: marker, length
+
+
 def encode_body(messages: Iterable[bytes]) -> bytes:
     """A request body: the format version, then the encoded messages."""
-    version: bytes = msgpack.packb(FORMAT_VERSION)
-    return version + b"".join(messages)
+    return _VERSION + b"".join(messages)
 
 
 def _request(batches: Sequence[SpanBatch]) -> bytes:
@@ -414,13 +425,21 @@ class Pending:
 
 @dataclass(slots=True, eq=False)
 class _Entry:
-    """One queued message, encoded."""
+    """One queued message, encoded: its parts are sent one after the other, never joined."""
 
     kind: int
-    body: bytes
+    parts: tuple[bytes, ...]
     spans: int
     decisions: int
     queued_at: float
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = sum(map(len, self.parts))
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass(eq=False)
@@ -492,7 +511,7 @@ class Forwarder:
             return True
         if self._closed or (not force and self._refusing(peer)):
             return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, _Entry(SPANS, encode_spans(batches, hops), spans, 0, 0.0), force)
+        return self._enqueue(peer, _Entry(SPANS, spans_message(batches, hops), spans, 0, 0.0), force)
 
     def full(self, peer: str) -> bool:
         """Whether `peer`'s queue is full (or the forwarder closed): spans for it would be refused."""
@@ -506,7 +525,7 @@ class Forwarder:
             return True
         if self._refusing(peer):
             return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, _Entry(TRACES, encode_traces(traces, hops), spans, 0, 0.0))
+        return self._enqueue(peer, _Entry(TRACES, (encode_traces(traces, hops),), spans, 0, 0.0))
 
     def send_decisions(self, peer: str, decisions: Sequence[ForwardedDecision]) -> bool:
         """Queue decisions for `peer`; False when its queue has no room for them."""
@@ -514,7 +533,7 @@ class Forwarder:
             return True
         if self._refusing(peer):
             return self._refuse(peer, 0, len(decisions))
-        return self._enqueue(peer, _Entry(DECISIONS, encode_decisions(decisions), 0, len(decisions), 0.0))
+        return self._enqueue(peer, _Entry(DECISIONS, (encode_decisions(decisions),), 0, len(decisions), 0.0))
 
     def pending(self, peer: str) -> Pending:
         state = self._peers.get(peer)
@@ -556,7 +575,7 @@ class Forwarder:
                 undelivered.append((message.batches, message.hops))
             elif isinstance(message, TracesMessage):
                 undelivered.append(([batch for trace in message.traces for batch in trace], message.hops))
-        state.bytes = state.unsent_bytes = sum(len(entry.body) for entry in state.queue)
+        state.bytes = state.unsent_bytes = sum(entry.size for entry in state.queue)
         if state.queue:
             self._start_sender(state)
         self._progress.set()
@@ -621,7 +640,7 @@ class Forwarder:
         state = self._peers.get(peer)
         if state is None:
             state = self._peers[peer] = _Peer(peer)
-        size = len(entry.body)
+        size = entry.size
         if state.bytes + size > self.config.queue_bytes and not force:
             return self._refuse(peer, entry.spans, entry.decisions)
         entry.queued_at = asyncio.get_running_loop().time()
@@ -689,7 +708,7 @@ class Forwarder:
         state.senders = []
         for entry in reversed(state.in_flight):
             state.queue.appendleft(entry)
-            state.unsent_bytes += len(entry.body)
+            state.unsent_bytes += entry.size
         state.lanes = []
 
     # -- sending
@@ -708,9 +727,9 @@ class Forwarder:
                     async with asyncio.timeout_at(deadline):
                         await state.wake.wait()
             size = 0
-            while state.queue and (not lane or size + len(state.queue[0].body) <= max_batch_bytes):
+            while state.queue and (not lane or size + state.queue[0].size <= max_batch_bytes):
                 entry = state.queue.popleft()
-                size += len(entry.body)
+                size += entry.size
                 lane.append(entry)
             state.unsent_bytes -= size
             if lane:
@@ -725,7 +744,7 @@ class Forwarder:
             if failed:
                 stats.retries += 1
             try:
-                await self._post(state, lane, encode_body(entry.body for entry in lane))
+                await self._post(state, lane, _body_chunks(lane))
             except _Retry as failure:
                 self._settle(state, lane, failure.accepted, stats, delivered=True)
                 stats.failures += 1
@@ -764,7 +783,7 @@ class Forwarder:
         del lane[:count]
         spans = sum(entry.spans for entry in done)
         decisions = sum(entry.decisions for entry in done)
-        size = sum(len(entry.body) for entry in done)
+        size = sum(entry.size for entry in done)
         state.bytes -= size
         if delivered:
             stats.spans += spans
@@ -775,7 +794,7 @@ class Forwarder:
             stats.rejected_decisions += decisions
         self._progress.set()
 
-    async def _post(self, state: _Peer, lane: list[_Entry], body: bytes) -> None:
+    async def _post(self, state: _Peer, lane: list[_Entry], body: AsyncIterator[bytes]) -> None:
         """One attempt at delivering a request body; _Retry or _Rejected when it was not taken."""
         if state.session is None:
             state.session = self._session(state.address)
@@ -815,6 +834,14 @@ class Forwarder:
                 *args,
                 self._failure_log.take_suppressed(),
             )
+
+
+async def _body_chunks(lane: list[_Entry]) -> AsyncIterator[bytes]:
+    """A request body as its parts (chunked transfer): a batch of megabytes is never joined into one."""
+    yield _VERSION
+    for entry in list(lane):
+        for part in entry.parts:
+            yield part
 
 
 def _url(address: str) -> str:
