@@ -432,24 +432,22 @@ class TraceBuffer:
             foreign: dict[str, list[bytes]] = {}
             for span, payload in zip(batch.spans, batch.payloads, strict=True):
                 trace_id = span.trace_id
-                span_id = span.span_id
-                parent_id = span.parent_span_id
-                if (
-                    len(trace_id) != 16
-                    or len(span_id) != 8
-                    or trace_id == _ZERO_TRACE_ID
-                    or span_id == _ZERO_SPAN_ID
-                    or (parent_id and len(parent_id) != 8)
-                ):
-                    _reject(result, trace_id, span_id)
+                if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
+                    _reject(result, trace_id, b"")
                     continue
                 trace = get_trace(trace_id)
+                if trace is None and foreign_owner is not None:
+                    # Another member's: its owner reads (and checks) the rest of the span.
+                    owner = foreign_owner(trace_id)
+                    if owner is not None:
+                        foreign.setdefault(owner, []).append(payload)
+                        continue
+                span_id = span.span_id
+                parent_id = span.parent_span_id
+                if len(span_id) != 8 or span_id == _ZERO_SPAN_ID or (parent_id and len(parent_id) != 8):
+                    _reject(result, trace_id, span_id)
+                    continue
                 if trace is None:
-                    if foreign_owner is not None:
-                        owner = foreign_owner(trace_id)
-                        if owner is not None:
-                            foreign.setdefault(owner, []).append(payload)
-                            continue
                     trace = self._new_trace(trace_id, now, scope, payload, result)
                     if trace is None:
                         continue

@@ -161,27 +161,64 @@ def _request(batches: Sequence[SpanBatch]) -> bytes:
 
 def decode_body(body: bytes) -> list[Message]:
     """The messages of a request body; DecodeError naming what is wrong. Nothing is handed on from a body
-    that does not decode in full."""
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(body), 1), use_list=True, raw=False)
-    unpacker.feed(body)
+    that does not decode in full.
+
+    SPANS messages as `spans_message` writes them are read without copying their request out of the
+    body; anything else goes through msgpack.
+    """
+    if not body:
+        raise DecodeError("empty body: expected the format version")
+    if body[:1] != _VERSION:
+        _unpack_version(body)  # raises, naming what it found
+    view = memoryview(body)
     messages: list[Message] = []
+    pos = 1
+    while pos < len(body):
+        found = _spans_at(body, view, pos)
+        if found is None:
+            item, pos = _unpack_at(view, pos)
+            found = decode_message(item), pos
+        messages.append(found[0])
+        pos = found[1]
+    return messages
+
+
+def _spans_at(body: bytes, view: memoryview, pos: int) -> tuple[Message, int] | None:
+    """The SPANS message at `pos` and where it ends, if it has the shape `spans_message` writes (array of
+    3, fixint kind and hops, bin 32); None for any other shape."""
+    if (
+        len(body) - pos < 8
+        or body[pos] != _ARRAY_OF_3[0]
+        or body[pos + 1] != SPANS
+        or body[pos + 2] >= 0x80
+        or body[pos + 3] != 0xC6
+    ):
+        return None
+    stop = pos + 8 + int.from_bytes(body[pos + 4 : pos + 8], "big")
+    if stop > len(body):
+        raise DecodeError(f"truncated body: a message is cut off after byte {pos} of {len(body)}")
+    return SpansMessage(_batches(view[pos + 8 : stop]), body[pos + 2]), stop
+
+
+def _unpack_at(view: memoryview, pos: int) -> tuple[Any, int]:
+    """The msgpack object at `pos` and where it ends."""
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(view), 1), use_list=True, raw=False)
+    unpacker.feed(view[pos:])
     try:
-        try:
-            version = unpacker.unpack()
-        except msgpack.OutOfData:
-            raise DecodeError("empty body: expected the format version") from None
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise DecodeError(f"unsupported forward format version {version!r} (expected {FORMAT_VERSION})")
-        # Iteration stops quietly at a message cut short; the end of the last whole one tells.
-        end = unpacker.tell()
-        for item in unpacker:
-            messages.append(decode_message(item))
-            end = unpacker.tell()
+        item = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise DecodeError(f"truncated body: a message is cut off after byte {pos} of {len(view)}") from None
     except (ValueError, TypeError, msgpack.UnpackException) as error:
         raise DecodeError(f"malformed msgpack body: {type(error).__name__}: {error}") from None
-    if end != len(body):
-        raise DecodeError(f"truncated body: a message is cut off after byte {end} of {len(body)}")
-    return messages
+    return item, pos + unpacker.tell()
+
+
+def _unpack_version(body: bytes) -> None:
+    try:
+        version, _ = _unpack_at(memoryview(body), 0)
+    except DecodeError as error:
+        raise DecodeError(f"{error} (expected the format version {FORMAT_VERSION})") from None
+    raise DecodeError(f"unsupported forward format version {version!r} (expected {FORMAT_VERSION})")
 
 
 def decode_message(item: Any) -> Message:
@@ -209,7 +246,7 @@ def _hops(value: Any) -> int:
 
 
 def _batches(value: Any) -> list[SpanBatch]:
-    if type(value) is not bytes:
+    if not isinstance(value, bytes | memoryview):
         raise DecodeError("forwarded spans must be binary (an encoded ExportTraceServiceRequest)")
     try:
         return decode_protobuf(value)
