@@ -489,6 +489,8 @@ class _Peer:
     unsent_bytes: int = 0  # queued only
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     senders: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set by `settle`: senders finish the requests they have in flight and start no new one.
+    paused: bool = False
     session: aiohttp.ClientSession | None = None
 
     @property
@@ -600,6 +602,7 @@ class Forwarder:
         if state is None:
             return []
         self._stop_sender(state)
+        state.paused = False
         entries = list(state.queue)
         state.queue.clear()
         undelivered: list[tuple[list[SpanBatch], int]] = []
@@ -617,6 +620,20 @@ class Forwarder:
             self._start_sender(state)
         self._progress.set()
         return undelivered
+
+    async def settle(self, peer: str, timeout: float) -> None:  # noqa: ASYNC109 - a bound, not a deadline
+        """Let the requests in flight to `peer` finish (at most `timeout` seconds) and send no more: then
+        `take_undelivered` returns only what the peer has not taken. A peer that left gracefully answers
+        them; one that is gone fails them, and they are taken back as undelivered."""
+        state = self._peers.get(peer)
+        if state is None:
+            return
+        state.paused = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while state.in_flight:
+                    self._progress.clear()
+                    await self._progress.wait()
 
     def forget_peer(self, peer: str) -> None:
         """Stop sending to `peer`: what is still queued for it is dropped and counted (take_undelivered
@@ -754,7 +771,7 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         max_batch_bytes = self.config.max_batch_bytes
         while True:
-            while not state.queue:
+            while not state.queue or state.paused:
                 state.wake.clear()
                 await state.wake.wait()
             deadline = state.queue[0].queued_at + self.config.max_delay

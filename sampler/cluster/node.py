@@ -38,6 +38,8 @@ MAX_HOPS = 3
 _SLICE = 2000
 # How long a leaving member goes on taking spans from peers that have not yet seen it leave.
 LEAVE_GRACE = 0.5
+# How long requests in flight to a member that left may take to be answered before they are re-routed.
+SETTLE_TIMEOUT = 1.0
 
 # Takes spans from peers (and spans to route again): the local ingest, which buffers those of this member's
 # traces and forwards the others (given how often they were forwarded already). Raises PeerOverloaded when
@@ -230,7 +232,9 @@ class ClusterNode:
         left = sorted(set(old.members) - set(new.members))
         log.info("cluster: members now %s (joined %s, left %s)", list(new.members), joined, left)
         for peer in left:
-            # What was queued for a member that left goes to the new owners (or stays here).
+            # What was queued for a member that left goes to the new owners (or stays here); what it was
+            # sent and took before it left is not sent again.
+            await self.forwarder.settle(peer, SETTLE_TIMEOUT)
             for batches, hops in self.forwarder.take_undelivered(peer):
                 try:
                     self.accept(batches, hops - 1)

@@ -569,3 +569,18 @@ async def test_wrong_content_type_and_oversized_bodies_are_refused(peer: Peer) -
     assert status == 413 and "max_request_bytes" in text
     assert (await post(peer.url, _GOOD))[0] == 200
     assert peer.server.stats.malformed == 2
+
+
+async def test_settle_lets_requests_in_flight_finish_so_nothing_is_taken_back_twice(
+    peer: Peer, make_forwarder: ForwarderFactory
+) -> None:
+    """What a member that leaves took is not re-routed: after `settle` only unsent messages come back."""
+    forwarder = make_forwarder(max_in_flight=2, max_batch_bytes=300, max_delay=0.001)
+    for hops in range(30):
+        assert forwarder.send_spans(peer.address, small_batches(), hops=hops)
+    await asyncio.sleep(0)  # the senders take their first requests
+    await forwarder.settle(peer.address, 5.0)
+    taken_back = [hops for _, hops in forwarder.take_undelivered(peer.address)]
+    delivered = peer.hops()
+    assert sorted(delivered + taken_back) == list(range(30))
+    assert delivered and taken_back
