@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sampler.metrics import Metrics
+from sampler.sites import start_site
 
 # The body of GET /metrics: a Prometheus text exposition.
 RenderMetrics = Callable[[], Awaitable[bytes]]
@@ -31,14 +32,12 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
         host, _, port = self.endpoint.rpartition(":")
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
-        await site.start()
-        for address in self._runner.addresses:
-            if isinstance(address, tuple):
-                self.port = int(address[1])
+        site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+        self.port = await start_site(runner, site)
+        self._runner = runner
         log.info("admin endpoint on %s:%s", host, self.port)
 
     async def stop(self) -> None:

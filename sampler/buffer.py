@@ -644,9 +644,7 @@ class TraceBuffer:
         taken = []
         for trace in traces:
             if self.traces.get(trace.trace_id) is trace:
-                del self.traces[trace.trace_id]
-                self.span_count -= trace.span_count
-                self.byte_count -= trace.nbytes
+                self._remove(trace)
                 taken.append(trace)
         return taken
 

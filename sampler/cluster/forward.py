@@ -21,7 +21,7 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -35,6 +35,7 @@ from sampler.errors import DecodeError, PeerOverloaded
 from sampler.logthrottle import LogThrottle
 from sampler.otlp_wire import Scope, encode_request, frame_run
 from sampler.receivers.otlp_decode import decode_protobuf
+from sampler.sites import start_site
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,16 @@ _ARRAY_OF_3 = b"\x93"  # msgpack fixarray of 3
 _BIN32 = struct.Struct(">BI")  # msgpack bin 32: marker, length
 
 
+def body_parts(messages: Iterable[Iterable[bytes]]) -> Iterator[bytes]:
+    """A request body in parts: the format version, then each message's parts."""
+    yield _VERSION
+    for parts in messages:
+        yield from parts
+
+
 def encode_body(messages: Iterable[bytes]) -> bytes:
-    """A request body: the format version, then the encoded messages."""
-    return _VERSION + b"".join(messages)
+    """A request body in one piece."""
+    return b"".join(body_parts((message,) for message in messages))
 
 
 def _request(batches: Sequence[SpanBatch]) -> bytes:
@@ -328,22 +336,16 @@ class PeerServer:
         """Listen on `unix_path` when given, else on `endpoint` (host:port)."""
         app = web.Application(client_max_size=self.max_request_bytes)
         app.router.add_post(FORWARD_PATH, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_grace)
-        await self._runner.setup()
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_grace)
+        await runner.setup()
         site: web.BaseSite
         if self.unix_path is not None:
-            site = web.UnixSite(self._runner, self.unix_path)
+            site = web.UnixSite(runner, self.unix_path)
         else:
             host, _, port = self.endpoint.rpartition(":")
-            site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        if self.unix_path is None:
-            self.port = _bound_port(self._runner)
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+        self.port = await start_site(runner, site)
+        self._runner = runner
         log.info("cluster forward server listening on %s", self.unix_path or f"{self.endpoint} ({self.port})")
 
     async def stop(self) -> None:
@@ -409,13 +411,6 @@ class PeerServer:
 
 def _span_count(batches: Iterable[SpanBatch]) -> int:
     return sum(len(batch.payloads) for batch in batches)
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("cluster forward server is not bound")
 
 
 # -- the sending side ------------------------------------------------------------------------------------
@@ -892,10 +887,8 @@ class Forwarder:
 
 async def _body_chunks(lane: list[_Entry]) -> AsyncIterator[bytes]:
     """A request body as its parts (chunked transfer): a batch of megabytes is never joined into one."""
-    yield _VERSION
-    for entry in list(lane):
-        for part in entry.parts:
-            yield part
+    for part in body_parts([entry.parts for entry in lane]):
+        yield part
 
 
 def _url(address: str) -> str:

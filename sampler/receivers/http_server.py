@@ -16,6 +16,7 @@ from sampler.auth import Authenticator
 from sampler.config import ReceiverSecurity
 from sampler.errors import TailgateError
 from sampler.receivers.common import Ingest
+from sampler.sites import start_site
 from sampler.tls import load_server_tls
 
 log = logging.getLogger(__name__)
@@ -105,28 +106,23 @@ class HTTPReceiver(ABC):
         security = self.security
         tls = None if security.tls is None else load_server_tls(security.tls, f"{self.label} receiver")
         # Decompression is done here, bounded, instead of by aiohttp's unbounded reader.
-        self._runner = web.AppRunner(
+        runner = web.AppRunner(
             self.make_app(),
             auto_decompress=False,
             access_log=None,
             shutdown_timeout=self.shutdown_grace,
         )
-        await self._runner.setup()
+        await runner.setup()
         site = web.TCPSite(
-            self._runner,
+            runner,
             host.strip("[]"),
             int(port),
             reuse_address=True,
             reuse_port=self.reuse_port or None,
             ssl_context=None if tls is None else tls.context,
         )
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        self.port = _bound_port(self._runner)
+        self.port = await start_site(runner, site)
+        self._runner = runner
         mode = "plaintext" if tls is None else tls.mode
         log.info("%s receiver listening on %s:%s (%s)", self.label, host, self.port, mode)
 
@@ -203,10 +199,3 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             return b"".join(parts)
         if encoding != "gzip" or not data.startswith(b"\x1f\x8b"):
             raise RequestRejected(400, "malformed", f"unexpected data after the {encoding} stream")
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple):
-            return int(address[1])
-    raise RuntimeError("receiver is not bound")
