@@ -85,8 +85,6 @@ class Ingest:
         spans were forwarded already). Unavailable when the write-ahead log cannot take the request, or
         the queue for another member is full: then nothing of it is buffered.
         """
-        if self.capture is not None:
-            _tee(self.capture, batches)  # every span once: at the member that received it
         cluster = self.cluster
         foreign_owner = None if cluster is None else cluster.router(hops)
         if foreign_owner is not None:
@@ -97,14 +95,21 @@ class Ingest:
                 self.refuse("cluster_unavailable")
                 raise Unavailable(str(error), error.retry_after) from None
         seq = -1
+        groups = None  # the request's spans as span groups, built once for the log and the capture
         if self.wal is not None:
+            if body is None:
+                groups = span_groups(batches)
+                body = encode_request(groups)
             try:
-                seq = self.wal.append_request(encode_request(span_groups(batches)) if body is None else body)
+                seq = self.wal.append_request(body)
             except WALError as error:
                 self.refuse("wal_unavailable")
                 raise Unavailable(str(error), WAL_RETRY_AFTER) from None
             self.buffer.seq = seq
         self._requests.inc()
+        if self.capture is not None:
+            # Once the request is taken, and only at the member that received it (not from peers).
+            _tee(self.capture, span_groups(batches) if groups is None else groups)
         result = self.buffer.add_spans(batches, foreign_owner)
         if result.foreign:
             assert cluster is not None
@@ -148,8 +153,7 @@ def span_groups(batches: list[SpanBatch]) -> list[SpanGroup]:
     ]
 
 
-def _tee(capture: Exporter, batches: list[SpanBatch]) -> None:
+def _tee(capture: Exporter, groups: list[SpanGroup]) -> None:
     """Hand a request's spans, as they arrived, to the capture; it queues them and never blocks."""
-    groups = span_groups(batches)
     if groups:
         capture.export(groups, sum(group[2] for group in groups))
