@@ -281,7 +281,7 @@ class Metrics:
         )
         self.cluster_forward_refused_spans = Counter(
             "tailgate_cluster_forward_refused_spans",
-            "Spans not queued for their owner because its queue was full (the request was refused, 503).",
+            "Spans not queued for their owner because forwarding had stopped (shutting down); buffered here.",
             registry=r,
         )
         self.cluster_handed_over_traces = Counter(
