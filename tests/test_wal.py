@@ -4,6 +4,7 @@ compacted and emptied; a log that cannot be written refuses requests instead of 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -111,6 +112,16 @@ def wal_config(downstream_port: int, directory: Path, durability: str, **wal: An
     config["durability"] = durability
     config["wal"] = {"directory": str(directory), "checkpoint_interval": "0.2s", **wal}
     return config
+
+
+def captured_span_count(path: Path) -> int:
+    """Spans in a capture file (OTLP JSON lines)."""
+    return sum(
+        len(scope_spans.get("spans", []))
+        for line in path.read_text().splitlines()
+        for resource_spans in json.loads(line)["resourceSpans"]
+        for scope_spans in resource_spans["scopeSpans"]
+    )
 
 
 def segments(directory: Path) -> list[Path]:
@@ -340,6 +351,8 @@ async def test_a_full_log_refuses_with_retry_after_until_exports_catch_up(
     await downstream.start(free_port())
     config = wal_config(downstream.port, tmp_path / "wal", "wal", max_bytes=2000, segment_bytes=1000)
     config["tail_sampling"].update(decision_wait="0.2s", decision_wait_after_root_received="0.1s")
+    capture = tmp_path / "capture.jsonl"
+    config["capture"] = {"path": str(capture), "batch": {"timeout": "0.02s"}}
     gateway = await start_gateway(config)
     url = receiver_url(gateway)
     try:
@@ -359,6 +372,8 @@ async def test_a_full_log_refuses_with_retry_after_until_exports_catch_up(
         await gateway.stop()
         await downstream.stop()
     print(f"\nfull log: statuses {statuses}")
+    # The capture holds what was taken, not the refused requests the client would send again.
+    assert captured_span_count(capture) == (accepted + 1) * 4
     assert 0 < accepted < 10
     assert set(statuses) == {200, 503}
     assert retry_after == "1"
