@@ -100,9 +100,17 @@ class Gateway:
             self.cluster,
         )
         if self.cluster is not None:
-            # Spans peers forward for this member's traces: written ahead and buffered like any others.
+            # Spans peers forward: written ahead and buffered like any others, or routed on when the ring
+            # here gives them to another member (views differ for a moment when members change).
             from_peers = Ingest(
-                "cluster", self.buffer, self.metrics, self.decider.count_late, None, self.pressure, self.wal
+                "cluster",
+                self.buffer,
+                self.metrics,
+                self.decider.count_late,
+                None,
+                self.pressure,
+                self.wal,
+                self.cluster,
             )
             self.cluster.accept = partial(_accept_from_peer, from_peers)
         self.admin = AdminServer(config.admin.endpoint, registry_renderer(self.metrics), lambda: self.ready)

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 # A span forwarded this many times is buffered where it is, whatever the ring says: members that disagree
 # on the ring for a moment must not bounce it for ever.
 MAX_HOPS = 3
+# The hop count a leaving member sends with: its ring (the members without it) is the one the others are
+# about to see, so the member it forwards to keeps the spans even if it still counts the leaving member
+# in. A leaving member keeps spans only when they come from another leaving member.
+LEFT = MAX_HOPS + 1
 # Traces (or decisions) handled per slice when handing over, before yielding to the event loop.
 _SLICE = 2000
 # How long a leaving member goes on taking spans from peers that have not yet seen it leave.
@@ -119,26 +123,33 @@ class ClusterNode:
 
     async def leave(self, timeout: float) -> None:  # noqa: ASYNC109 - a deadline for the whole handover
         """Graceful leave, after the receivers stopped: leave the membership, hand every buffered trace to
-        its new owner, deliver what is queued, then stop taking spans from peers (the gateway decides
-        what it still holds after this).
+        its new owner, stop taking spans from peers, deliver what is queued (the gateway decides what it
+        still holds after this).
 
-        Spans peers still send meanwhile (they have not yet seen this member leave) are routed on to the
-        new owners. Members stopping at the same moment may pass spans back and forth: after MAX_HOPS
-        forwards they are buffered where they are, and decided there.
+        Spans peers send meanwhile (they have not yet seen this member leave) are routed on to the new
+        owners, marked so that those keep them. Afterwards peers keep what they could not deliver here
+        and route it again once they see this member leave. Members stopping at the same moment may pass
+        spans back and forth: what one leaving member sends another is buffered there, and decided there.
         """
         self.leaving = True
         with contextlib.suppress(Exception):
             await self.membership.stop()
         others = [member for member in self.ring.members if member != self.member_id]
+        flush_timeout = max(0.0, timeout / 2)
         if others and not isinstance(self.membership, StaticMembership):
             self.ring = Ring(others)
             await self._hand_over(self.ring)
             # Peers that have not yet seen this member leave may still forward to it for a moment.
             await asyncio.sleep(min(LEAVE_GRACE, timeout / 4))
-        # A static ring (workers, `peers`) stops together: each member decides its own traces.
-        if not await self.forwarder.flush(max(0.0, timeout / 2)):
+            await self.server.stop()
+            flushed = await self.forwarder.flush(flush_timeout)
+        else:
+            # A static ring (workers, `peers`) stops together: each member decides its own traces, and
+            # takes what the others still deliver while it delivers its own.
+            flushed = await self.forwarder.flush(flush_timeout)
+            await self.server.stop()
+        if not flushed:
             log.warning("cluster: leaving with spans not yet delivered to peers")
-        await self.server.stop()
 
     async def stop(self) -> None:
         if self._rebalancer is not None:
@@ -157,10 +168,10 @@ class ClusterNode:
         """For one request: the owner of each trace id when it is another member (None when it is this
         one), or no router at all when nothing is to be forwarded (a ring of one, or spans already
         forwarded MAX_HOPS times, which are buffered where they are). A leaving member is no longer in
-        its own ring: it forwards everything."""
+        its own ring: it forwards everything but what another leaving member sent it."""
         ring = self.ring
         me = self.member_id
-        if hops >= MAX_HOPS or (len(ring) == 1 and me in ring):
+        if hops >= (LEFT if self.leaving else MAX_HOPS) or (len(ring) == 1 and me in ring):
             return None
         owner_of = ring.owner
         owners: dict[bytes, str | None] = {}
@@ -185,9 +196,10 @@ class ClusterNode:
     def forward(self, foreign: dict[str, list[SpanBatch]], hops: int) -> None:
         """Queue spans for their owners. Room was checked for the request as a whole; one request may
         take a queue over its bound rather than lose what it already had accepted."""
+        sent_hops = LEFT if self.leaving else hops + 1
         for owner, batches in foreign.items():
             spans = sum(len(batch.payloads) for batch in batches)
-            if self.forwarder.send_spans(owner, batches, hops + 1, force=True):
+            if self.forwarder.send_spans(owner, batches, sent_hops, force=True):
                 self._forwarded.labels(owner).inc(spans)
             else:  # the forwarder is closed: shutting down
                 self._refused.inc(spans)
@@ -255,7 +267,7 @@ class ClusterNode:
                 if batches:
                     by_owner.setdefault(ring.owner(trace.trace_id), []).append(batches)
             for owner, traces in by_owner.items():
-                if self.forwarder.send_traces(owner, traces, 1):
+                if self.forwarder.send_traces(owner, traces, LEFT if self.leaving else 1):
                     self._handed_over.labels(owner).inc(len(traces))
                 else:
                     log.warning(
