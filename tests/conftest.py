@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import random
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,10 +29,36 @@ ROOT = Path(__file__).resolve().parents[1]
 TAILGATE = [sys.executable, "-m", "sampler"]
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(low, high + 1)
+
+
+_EPHEMERAL = _ephemeral_ports()
+# Below the kernel's ephemeral range: a port handed out here and bound later (a member that joins
+# during a test) cannot meanwhile become the local port of some outgoing connection.
+_PORTS = range(10_000, _EPHEMERAL.start) if _EPHEMERAL.start > 12_000 else range(0)
+_handed_out: set[int] = set()
+_port_rng = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port nothing is bound to, not handed out before in this test run."""
+    for _ in range(200):
+        port = _port_rng.choice(_PORTS) if _PORTS else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free loopback port found")
 
 
 class Downstream:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -74,13 +73,6 @@ async def eventually(predicate: Callable[[], bool], within: float = 1.5) -> None
             return
         await asyncio.sleep(step)
     assert predicate(), f"condition not reached within {within}s"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass

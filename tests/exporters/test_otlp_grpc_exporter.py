@@ -15,9 +15,10 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from sampler.config import OTLPGRPCExporterConfig
 from sampler.exporters.otlp_grpc import OTLPGRPCExporter, retry_delay
 from sampler.metrics import Metrics
+from tests.conftest import free_port
 from tests.grpc_downstream import GRPCDownstream, Reply
 
-from .helpers import eventually, free_port, make_group, make_scope, make_trace, sample
+from .helpers import eventually, make_group, make_scope, make_trace, sample
 
 NAME = "otlp_grpc/backend"
 SENT = "tailgate_exporter_sent_spans_total"

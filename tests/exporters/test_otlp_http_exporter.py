@@ -19,12 +19,12 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from sampler.config import BatchConfig, OTLPHTTPExporterConfig, RetryConfig
 from sampler.exporters.otlp_http import OTLPHTTPExporter, parse_retry_after
 from sampler.metrics import Metrics
+from tests.conftest import free_port
 
 from .helpers import (
     Downstream,
     Reply,
     eventually,
-    free_port,
     make_group,
     make_scope,
     make_trace,

@@ -23,8 +23,9 @@ from sampler.errors import ConfigError, ExportError
 from sampler.exporters.otlp_http import OTLPHTTPExporter
 from sampler.exporters.queue import HEADER, DiskQueue, Record
 from sampler.metrics import Metrics
+from tests.conftest import free_port
 
-from .helpers import Downstream, Reply, eventually, free_port, make_group, make_scope, make_trace, sample
+from .helpers import Downstream, Reply, eventually, make_group, make_scope, make_trace, sample
 
 NAME = "otlp_http/backend"
 # The exporter's own subdirectory under sending_queue.directory.
