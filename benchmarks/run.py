@@ -247,6 +247,7 @@ class Bench:
         self.children: list[Child] = []
         self.pool_path = tmp / "pool.pkl"
         self.python = sys.executable
+        self.profiles = 0  # measured windows recorded with --profile
 
     def log(self, message: str) -> None:
         if not self.args.json:
@@ -320,20 +321,55 @@ class Bench:
         window edges. `more`: other gateways (cluster members) the connections are spread over."""
         cpu: dict[str, float] = {}
         servers = [server, *(child for _, child in more or [])]
+        profilers: list[subprocess.Popen[bytes]] = []
 
         def on_event(kind: str) -> None:
             cpu[kind] = sum(cpu_seconds(child.pid) for child in servers)
+            if kind == "measure_start" and self.args.profile is not None:
+                profilers.extend(self.profile(servers))
 
         args = self.args
         extra = ["--duration", str(args.duration), "--warmup", str(args.warmup), "--protocol", protocol]
         if more:
             extra += ["--extra-ports", ",".join(str(member_port) for member_port, _ in more)]
         result = self.loadgen(port, extra, deadline=args.duration + args.warmup + 30, on_event=on_event)
+        for profiler in profilers:
+            profiler.wait(timeout=30)
         server_cpu = cpu["measure_stop"] - cpu["measure_start"]
         result["server_cpu_seconds"] = round(server_cpu, 3)
         result["server_cpu_utilization"] = round(server_cpu / result["seconds"], 3)
         result["spans_per_cpu_second"] = result["spans_ok"] / server_cpu if server_cpu else 0.0
         return result
+
+    def profile(self, servers: list[Child]) -> list[subprocess.Popen[bytes]]:
+        """py-spy sampling every process of `servers` for the measured window, as collapsed stacks in
+        the --profile directory (one file per process)."""
+        directory: Path = self.args.profile
+        directory.mkdir(parents=True, exist_ok=True)
+        self.profiles += 1
+        return [
+            subprocess.Popen(
+                [
+                    shutil.which("py-spy", path=Path(sys.executable).parent) or "py-spy",
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "200",
+                    "--duration",
+                    str(max(1, int(self.args.duration))),
+                    "--nonblocking",
+                    "--output",
+                    str(directory / f"{self.profiles:02d}-{child.name}-{pid}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for child in servers
+            for pid in process_tree(child.pid)
+        ]
 
     def run_probe(self, mode: str) -> dict[str, Any]:
         port = free_port()
@@ -789,6 +825,9 @@ def main() -> int:
     parser.add_argument("--skip-scaleout", action="store_true", help="no workers / cluster runs")
     parser.add_argument("--wal-fsync", choices=["always", "batch", "never"], default="batch")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--profile", type=Path, help="record each measured server with py-spy into this directory"
+    )
     args = parser.parse_args()
 
     # A SIGTERM to the benchmark still runs the finally below, which stops every child.
