@@ -692,6 +692,7 @@ def _scaleout_summary(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]
             "spans_per_cpu_second": median["spans_per_cpu_second"],
             "server_cpu_utilization": median["server_cpu_utilization"],
             "forwarded_share": median["forwarded_share"],
+            "non_2xx": median.get("non_2xx", {}),
             "ratio_rounds": ratios,
             "ratio": ratios[len(ratios) // 2],
         }

@@ -34,6 +34,7 @@ from sampler.config import ForwardConfig
 from sampler.errors import DecodeError, PeerOverloaded
 from sampler.logthrottle import LogThrottle
 from sampler.otlp_wire import Scope, encode_request, frame_run
+from sampler.receivers.http_server import read_all
 from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.sites import start_site
 
@@ -363,7 +364,7 @@ class PeerServer:
             self.stats.malformed += 1
             return web.Response(status=415, text="forwarded bodies are not compressed")
         try:
-            body = await request.read()
+            body = await read_all(request, self.max_request_bytes)
         except web.HTTPRequestEntityTooLarge:
             self.stats.malformed += 1
             return web.Response(status=413, text=f"body exceeds max_request_bytes ({self.max_request_bytes})")
@@ -643,6 +644,28 @@ class Forwarder:
             self._closing_sessions.add(task)
             task.add_done_callback(self._closing_sessions.discard)
         self._progress.set()
+
+    def backlogged(self, peer: str) -> bool:
+        """Whether a whole batch for `peer` waits for a request in flight to be answered (or its queue
+        is full): more spans for it would only wait longer."""
+        state = self._peers.get(peer)
+        return self._closed or (
+            state is not None
+            and (state.unsent_bytes >= self.config.max_batch_bytes or state.bytes >= self.config.queue_bytes)
+        )
+
+    async def wait_for_room(self, peers: Iterable[str], timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until no queue of `peers` is backlogged (as their requests are acknowledged); False if
+        one still is after `timeout` seconds."""
+        peers = list(peers)
+        try:
+            async with asyncio.timeout(timeout):
+                while any(self.backlogged(peer) for peer in peers):
+                    self._progress.clear()
+                    await self._progress.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a deadline for the whole flush
         """Send everything queued now, without waiting for `max_delay`, and wait until every peer

@@ -44,6 +44,10 @@ _SLICE = 2000
 LEAVE_GRACE = 0.5
 # How long requests in flight to a member that left may take to be answered before they are re-routed.
 SETTLE_TIMEOUT = 1.0
+# How long a client's request waits, before its body is read, while the queue for another member holds
+# a whole batch more than is in flight; then it is taken anyway, or refused (503, Retry-After) if that
+# queue is full.
+ROOM_WAIT = 1.0
 
 # Takes spans from peers (and spans to route again): the local ingest, which buffers those of this member's
 # traces and forwards the others (given how often they were forwarded already). Raises PeerOverloaded when
@@ -185,6 +189,16 @@ class ClusterNode:
                 return found
 
         return foreign_owner
+
+    async def wait_for_room(self) -> None:
+        """Hold a client's request, up to ROOM_WAIT, while the queue for some other member is backlogged:
+        the client waits a moment rather than the spans of its traces waiting in a queue (and arriving
+        after their trace was decided) or, once the queue is full, having its request read, decoded
+        and refused."""
+        forwarder = self.forwarder
+        peers = self._peers()
+        if any(forwarder.backlogged(peer) for peer in peers):
+            await forwarder.wait_for_room(peers, ROOM_WAIT)
 
     def check_room(self) -> None:
         """PeerOverloaded when the queue for some other member is full: the request is refused as a whole

@@ -83,11 +83,13 @@ class Ingest:
 
         In a cluster, spans of traces other members own are forwarded to them (`hops`: how often these
         spans were forwarded already). Unavailable when the write-ahead log cannot take the request, or
-        the queue for another member is full: then nothing of it is buffered.
+        the queue for another member is full (a client's request, hops 0): then nothing of it is buffered.
         """
         cluster = self.cluster
         foreign_owner = None if cluster is None else cluster.router(hops)
-        if foreign_owner is not None:
+        # Spans from peers are queued on whatever the queues hold: refusing them would make members
+        # that forward to each other wait on each other.
+        if foreign_owner is not None and hops == 0:
             assert cluster is not None
             try:
                 cluster.check_room()
@@ -123,6 +125,12 @@ class Ingest:
         if result.late_kept or result.late_dropped:
             self.count_late(result)
         return result
+
+    async def admit(self) -> None:
+        """Before a client's request is read: in a cluster, wait a moment while a queue to another
+        member is backlogged (see ClusterNode.wait_for_room)."""
+        if self.cluster is not None:
+            await self.cluster.wait_for_room()
 
     async def committed(self, result: IngestResult) -> None:
         """Return once the request is as durable as configured (`wal.fsync: always`: on disk); its client

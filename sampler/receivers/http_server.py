@@ -157,10 +157,12 @@ class HTTPReceiver(ABC):
         return run
 
     async def read_body(self, request: web.Request) -> bytes:
-        """The request body, decompressed per Content-Encoding, at most `max_request_bytes`."""
+        """The request body, decompressed per Content-Encoding, at most `max_request_bytes`; read once
+        the gateway can take it (Ingest.admit)."""
         limit = self.max_request_bytes
+        await self.ingest.admit()
         try:
-            body = await request.read()
+            body = await read_all(request, limit)
         except web.HTTPRequestEntityTooLarge:
             raise RequestRejected(
                 413, "too_large", f"request body exceeds max_request_bytes ({limit})"
@@ -199,3 +201,21 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
             return b"".join(parts)
         if encoding != "gzip" or not data.startswith(b"\x1f\x8b"):
             raise RequestRejected(400, "malformed", f"unexpected data after the {encoding} stream")
+
+
+async def read_all(request: web.Request, limit: int) -> bytes:
+    """The whole body of `request`, joined once: aiohttp's read() grows a bytearray piece by piece,
+    which copies a body of megabytes many times over. HTTPRequestEntityTooLarge beyond `limit` bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+    content = request.content
+    content.set_read_chunk_size(limit)  # no pausing the connection: the body is read at once
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -172,6 +172,7 @@ class OTLPGRPCReceiver:
 
     async def _ingest_request(self, context: grpc.aio.ServicerContext) -> bytes:
         """Read the call's one message, buffer its spans; the serialized ExportTraceServiceResponse."""
+        await self.ingest.admit()
         body = await context.read()
         if body is grpc.aio.EOF:
             # grpc has already answered a message over max_request_bytes (RESOURCE_EXHAUSTED); this status

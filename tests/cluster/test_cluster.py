@@ -20,7 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from sampler.app import Gateway
 from sampler.cluster.forward import Forwarder
-from sampler.cluster.node import LEFT, MAX_HOPS
+from sampler.cluster.node import LEFT, MAX_HOPS, ROOM_WAIT
 from sampler.cluster.ring import Ring
 from sampler.config import ForwardConfig, parse_config
 from sampler.receivers.otlp_decode import decode_protobuf
@@ -288,6 +288,54 @@ async def test_a_leaving_member_routes_everything_on_and_its_peers_keep_it(clust
     # Kept there although its ring still gives about half of these traces to the leaving member.
     await wait_for(lambda: decided(gateways[1:]) == len(traces), timeout=15)
     assert forwarded_spans(gateways[1]) == 0
+
+
+async def test_clients_wait_for_a_backlogged_member_and_get_503_once_its_queue_is_full_but_peers_do_not(
+    cluster: Cluster,
+) -> None:
+    """A member that cannot deliver to another (down here) holds its clients' requests a moment, then
+    refuses them with 503 and Retry-After once the queue is full; spans its peers forward are taken
+    whatever that queue holds, or members forwarding to each other would wait on each other."""
+    live, down = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = member_config(cluster.downstream, live, static([live, down]))
+    config["cluster"]["forward"].update(max_batch_bytes=1024, queue_bytes=4096)
+    gateway = await cluster.start(config)
+    node = gateway.cluster
+    assert node is not None
+    traces = [
+        spans for spans in make_traces(random.Random(10), 200) if node.ring.owner(spans[0].trace_id) == down
+    ]
+    bodies = [request_of(spans).SerializeToString() for spans in traces]
+    loop = asyncio.get_running_loop()
+    statuses, waits = [], []
+    async with aiohttp.ClientSession() as session:
+        for body in bodies[:30]:
+            started = loop.time()
+            async with session.post(
+                receiver_url(gateway), data=body, headers={"Content-Type": "application/x-protobuf"}
+            ) as reply:
+                statuses.append(reply.status)
+                waits.append(loop.time() - started)
+                retry_after = reply.headers.get("Retry-After")
+            if statuses.count(503) == 2:
+                break
+    print(f"\nstatuses {statuses}, waits {[round(wait, 2) for wait in waits]}")
+    assert statuses[0] == 200 and statuses[-2:] == [503, 503]
+    assert retry_after is not None
+    assert waits[0] < ROOM_WAIT / 2
+    # Held for room first: those taken after the wait, and those refused then.
+    assert 200 in [status for status, wait in zip(statuses, waits, strict=True) if wait >= ROOM_WAIT * 0.9]
+    assert all(wait >= ROOM_WAIT * 0.9 for wait in waits[-2:])
+    assert node.forwarder.full(down)
+    # The same spans from a peer, as if it had not yet seen the ring: taken and queued on.
+    peer = Forwarder(ForwardConfig())
+    try:
+        queued = node.forwarder.pending(down).spans
+        assert peer.send_spans(node.member_id, decode_protobuf(bodies[-1]), 1)
+        assert await peer.flush(10)
+    finally:
+        await peer.close()
+    assert node.forwarder.pending(down).spans == queued + SPANS_PER_TRACE
 
 
 async def send_each_on_its_own_connection(url: str, requests: list[ExportTraceServiceRequest]) -> None:

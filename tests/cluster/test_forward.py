@@ -421,6 +421,30 @@ async def test_send_spans_is_refused_when_the_peer_queue_is_full(make_forwarder:
     assert forwarder.send_spans(address, small_batches(), hops=0)
 
 
+async def test_a_backlogged_queue_is_waited_on_until_the_peer_takes_it(
+    make_forwarder: ForwarderFactory,
+) -> None:
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    message_bytes = len(encode_spans(small_batches(), 0))
+    forwarder = make_forwarder(max_batch_bytes=2 * message_bytes)
+    assert forwarder.send_spans(address, small_batches(), hops=0)
+    assert not forwarder.backlogged(address)  # in flight (and failing): no whole batch waits yet
+    for number in range(3):
+        assert forwarder.send_spans(address, small_batches(), hops=number)
+    await wait_for(lambda: forwarder.backlogged(address))
+    assert not await forwarder.wait_for_room([address], 0.2)
+    receiver = Peer(port)
+    await receiver.server.start()
+    try:
+        assert await forwarder.wait_for_room([address], 10.0)
+        assert not forwarder.backlogged(address)
+        assert await forwarder.flush(10.0)
+        assert receiver.span_count() == 8
+    finally:
+        await receiver.server.stop()
+
+
 async def test_flush_waits_for_delivery_and_gives_up_at_its_timeout(
     peer: Peer, make_forwarder: ForwarderFactory
 ) -> None:
@@ -569,6 +593,21 @@ async def test_wrong_content_type_and_oversized_bodies_are_refused(peer: Peer) -
     assert status == 413 and "max_request_bytes" in text
     assert (await post(peer.url, _GOOD))[0] == 200
     assert peer.server.stats.malformed == 2
+
+
+async def test_an_oversized_chunked_body_is_refused_while_it_arrives(peer: Peer) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"\x01"
+        for _ in range(8):
+            yield b"\xc0" * (64 * 1024)
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(peer.url, data=chunks(), headers={"Content-Type": CONTENT_TYPE}) as reply,
+    ):
+        assert reply.status == 413
+        assert "max_request_bytes" in await reply.text()
+    assert (await post(peer.url, _GOOD))[0] == 200
 
 
 async def test_settle_lets_requests_in_flight_finish_so_nothing_is_taken_back_twice(
