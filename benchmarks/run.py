@@ -760,14 +760,15 @@ def print_table(report: dict[str, Any]) -> None:
     scaleout = report.get("scaleout")
     if scaleout:
         print(f"\nscale-out (spans sent round-robin over the processes; goal: ratio ≥ {SCALEOUT_GOAL})")
-        header = f"{'setup':<14}{'spans/s':>12}{'spans/CPU-s':>14}{'CPU':>8}{'forwarded':>11}{'ratio':>8}"
-        print(f"{header}  by round")
+        header = f"{'setup':<14}{'spans/s':>12}{'spans/CPU-s':>14}{'CPU':>8}{'forwarded':>11}{'non-2xx':>9}"
+        print(f"{header}{'ratio':>8}  by round")
         for name, run in scaleout.items():
             rounds = ", ".join(f"{value:.2f}" for value in run["ratio_rounds"])
+            refused = sum(run.get("non_2xx", {}).values())
             print(
                 f"{name:<14}{_fmt(run['spans_per_second']):>12}{_fmt(run['spans_per_cpu_second']):>14}"
-                f"{run['server_cpu_utilization']:>8.0%}{run['forwarded_share']:>11.0%}{run['ratio']:>8.2f}"
-                f"  {rounds}"
+                f"{run['server_cpu_utilization']:>8.0%}{run['forwarded_share']:>11.0%}{refused:>9}"
+                f"{run['ratio']:>8.2f}  {rounds}"
             )
     cost = report.get("wal_cost_rounds")
     if cost:
