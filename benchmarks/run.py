@@ -514,7 +514,63 @@ class Bench:
             finally:
                 for _, _, child in started:
                     self.stop(child)
+        runs["forward cost"] = self.run_forward_cost(downstream_port, tail, runs["1 process"])
         return runs
+
+    def run_forward_cost(
+        self, downstream_port: int, tail: dict[str, Any], single: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Two members (static peers), the load on the first only: the sender's CPU per span it forwards
+        and the owner's per span it gets, each against a span handled where it arrives (`single`)."""
+        self.log(f"-- scale-out, forward cost (2 members, load on one): {self.args.duration:.0f}s of load")
+        peers = [f"{HOST}:{free_port()}" for _ in range(2)]
+        started: list[tuple[int, int, Child]] = []
+        try:
+            for index, peer in enumerate(peers):
+                cluster = f"cluster: {{endpoint: '{peer}', peers: [{', '.join(repr(p) for p in peers)}]}}\n"
+                config, ports, admin_port = self.gateway_config(
+                    f"forward-{index}", downstream_port, extra=cluster, **tail
+                )
+                started.append(
+                    (ports["http"], admin_port, self.start_gateway(f"forward-{index}", config, admin_port))
+                )
+            (port, sender_admin, sender), (_, _, owner) = started
+            cpu: dict[str, tuple[float, float]] = {}
+            profilers: list[subprocess.Popen[bytes]] = []
+
+            def on_event(kind: str) -> None:
+                cpu[kind] = (cpu_seconds(sender.pid), cpu_seconds(owner.pid))
+                if kind == "measure_start" and self.args.profile is not None:
+                    profilers.extend(self.profile([sender, owner]))
+
+            extra = ["--duration", str(self.args.duration), "--warmup", str(self.args.warmup)]
+            load = self.loadgen(
+                port, extra, deadline=self.args.duration + self.args.warmup + 30, on_event=on_event
+            )
+            for profiler in profilers:
+                profiler.wait(timeout=30)
+            text = self.metrics(sender_admin)
+        finally:
+            for _, _, child in started:
+                self.stop(child)
+        spans = load["spans_ok"]
+        accepted = metric_value(
+            text, "tailgate_receiver_spans_total", protocol="otlp_http", outcome="accepted"
+        )
+        share = _sum_family(text, "tailgate_cluster_forwarded_spans_total") / accepted if accepted else 0.0
+        here = 1e6 / single["spans_per_cpu_second"]  # µs per span handled where it arrives
+        sender_us = (cpu["measure_stop"][0] - cpu["measure_start"][0]) * 1e6 / spans
+        owner_us = (cpu["measure_stop"][1] - cpu["measure_start"][1]) * 1e6 / spans
+        forwarded = max(share, 1e-9)
+        return {
+            "spans_per_second": load["spans_per_second"],
+            "forwarded_share": share,
+            "non_2xx": load.get("non_2xx", {}),
+            "us_per_span_here": here,
+            # The sender handles its own spans as a single process would; the rest is the forwarded ones'.
+            "sender_us_per_forwarded_span": (sender_us - (1 - share) * here) / forwarded,
+            "owner_us_per_forwarded_span": owner_us / forwarded,
+        }
 
     def run_memory(self, downstream_port: int) -> dict[str, Any]:
         spans = self.args.memory_spans
@@ -679,8 +735,13 @@ def _median(
 
 def _scaleout_summary(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Per setup: the median round's rates, its ratio to the single process of the same round, and the
-    share of spans forwarded to another process."""
+    share of spans forwarded to another process; the forward cost run of the median round."""
     summary: dict[str, Any] = {}
+    costs = sorted(
+        (run.pop("forward cost") for run in rounds),
+        key=lambda cost: cost["sender_us_per_forwarded_span"] + cost["owner_us_per_forwarded_span"],
+    )
+    summary["forward_cost"] = costs[len(costs) // 2]
     for name in rounds[0]:
         ratios = sorted(
             round(run[name]["spans_per_cpu_second"] / run["1 process"]["spans_per_cpu_second"], 3)
@@ -763,12 +824,23 @@ def print_table(report: dict[str, Any]) -> None:
         header = f"{'setup':<14}{'spans/s':>12}{'spans/CPU-s':>14}{'CPU':>8}{'forwarded':>11}{'non-2xx':>9}"
         print(f"{header}{'ratio':>8}  by round")
         for name, run in scaleout.items():
+            if name == "forward_cost":
+                continue
             rounds = ", ".join(f"{value:.2f}" for value in run["ratio_rounds"])
             refused = sum(run.get("non_2xx", {}).values())
             print(
                 f"{name:<14}{_fmt(run['spans_per_second']):>12}{_fmt(run['spans_per_cpu_second']):>14}"
                 f"{run['server_cpu_utilization']:>8.0%}{run['forwarded_share']:>11.0%}{refused:>9}"
                 f"{run['ratio']:>8.2f}  {rounds}"
+            )
+        forward = scaleout.get("forward_cost")
+        if forward:
+            print(
+                f"forward cost (2 members, load on one, {forward['forwarded_share']:.0%} forwarded, "
+                f"{sum(forward['non_2xx'].values())} non-2xx): the sender spends "
+                f"{forward['sender_us_per_forwarded_span']:.2f} µs of CPU per span it forwards, the owner "
+                f"{forward['owner_us_per_forwarded_span']:.2f} µs per span it gets; a span handled where "
+                f"it arrives costs {forward['us_per_span_here']:.2f} µs"
             )
     cost = report.get("wal_cost_rounds")
     if cost:
