@@ -625,11 +625,7 @@ class Forwarder:
         if state is None:
             return
         state.paused = True
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while state.in_flight:
-                    self._progress.clear()
-                    await self._progress.wait()
+        await self._until(lambda: not state.in_flight, timeout)
 
     def forget_peer(self, peer: str) -> None:
         """Stop sending to `peer`: what is still queued for it is dropped and counted (take_undelivered
@@ -649,23 +645,15 @@ class Forwarder:
         """Whether a whole batch for `peer` waits for a request in flight to be answered (or its queue
         is full): more spans for it would only wait longer."""
         state = self._peers.get(peer)
-        return self._closed or (
-            state is not None
-            and (state.unsent_bytes >= self.config.max_batch_bytes or state.bytes >= self.config.queue_bytes)
+        return self._refusing(peer) or (
+            state is not None and state.unsent_bytes >= self.config.max_batch_bytes
         )
 
     async def wait_for_room(self, peers: Iterable[str], timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until no queue of `peers` is backlogged (as their requests are acknowledged); False if
         one still is after `timeout` seconds."""
         peers = list(peers)
-        try:
-            async with asyncio.timeout(timeout):
-                while any(self.backlogged(peer) for peer in peers):
-                    self._progress.clear()
-                    await self._progress.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await self._until(lambda: not any(self.backlogged(peer) for peer in peers), timeout)
 
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a deadline for the whole flush
         """Send everything queued now, without waiting for `max_delay`, and wait until every peer
@@ -674,14 +662,22 @@ class Forwarder:
         for state in self._peers.values():
             state.wake.set()
         try:
+            return await self._until(lambda: not any(state.bytes for state in self._peers.values()), timeout)
+        finally:
+            self._flushing -= 1
+
+    async def _until(self, done: Callable[[], bool], timeout: float) -> bool:  # noqa: ASYNC109
+        """Wait until `done()` holds, checking it each time something leaves a queue; False if it still
+        does not after `timeout` seconds."""
+        if done():
+            return True
+        try:
             async with asyncio.timeout(timeout):
-                while any(state.bytes for state in self._peers.values()):
+                while not done():
                     self._progress.clear()
                     await self._progress.wait()
         except TimeoutError:
             return False
-        finally:
-            self._flushing -= 1
         return True
 
     async def close(self) -> None:

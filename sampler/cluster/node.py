@@ -195,10 +195,7 @@ class ClusterNode:
         the client waits a moment rather than the spans of its traces waiting in a queue (and arriving
         after their trace was decided) or, once the queue is full, having its request read, decoded
         and refused."""
-        forwarder = self.forwarder
-        peers = self._peers()
-        if any(forwarder.backlogged(peer) for peer in peers):
-            await forwarder.wait_for_room(peers, ROOM_WAIT)
+        await self.forwarder.wait_for_room(self._peers(), ROOM_WAIT)
 
     def check_room(self) -> None:
         """PeerOverloaded when the queue for some other member is full: the request is refused as a whole
