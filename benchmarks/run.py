@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,16 +315,23 @@ class Bench:
             process.stdout.close()
 
     def throughput(
-        self, port: int, server: Child, protocol: str = "http", more: list[tuple[int, Child]] | None = None
+        self,
+        port: int,
+        server: Child,
+        protocol: str = "http",
+        more: list[tuple[int, Child]] | None = None,
+        watched: Sequence[Child] = (),
     ) -> dict[str, Any]:
         """Timed load; the servers' CPU (each with its descendants) is sampled at the load generator's
-        window edges. `more`: other gateways (cluster members) the connections are spread over."""
-        cpu: dict[str, float] = {}
-        servers = [server, *(child for _, child in more or [])]
+        window edges. `more`: other gateways (cluster members) the connections are spread over;
+        `watched`: gateways that get no connections but whose CPU counts (listed last per server in
+        `server_cpu_seconds_each`)."""
+        cpu: dict[str, list[float]] = {}
+        servers = [server, *(child for _, child in more or []), *watched]
         profilers: list[subprocess.Popen[bytes]] = []
 
         def on_event(kind: str) -> None:
-            cpu[kind] = sum(cpu_seconds(child.pid) for child in servers)
+            cpu[kind] = [cpu_seconds(child.pid) for child in servers]
             if kind == "measure_start" and self.args.profile is not None:
                 profilers.extend(self.profile(servers))
 
@@ -335,7 +342,9 @@ class Bench:
         result = self.loadgen(port, extra, deadline=args.duration + args.warmup + 30, on_event=on_event)
         for profiler in profilers:
             profiler.wait(timeout=30)
-        server_cpu = cpu["measure_stop"] - cpu["measure_start"]
+        each = [stop - start for start, stop in zip(cpu["measure_start"], cpu["measure_stop"], strict=True)]
+        server_cpu = sum(each)
+        result["server_cpu_seconds_each"] = [round(seconds, 3) for seconds in each]
         result["server_cpu_seconds"] = round(server_cpu, 3)
         result["server_cpu_utilization"] = round(server_cpu / result["seconds"], 3)
         result["spans_per_cpu_second"] = result["spans_ok"] / server_cpu if server_cpu else 0.0
@@ -468,6 +477,29 @@ class Bench:
         finally:
             self.stop(gateway)
 
+    def start_members(
+        self, prefix: str, count: int, downstream_port: int, tail: dict[str, Any], extra: str | None = None
+    ) -> list[tuple[int, int, Child]]:
+        """`count` gateways, each with `extra` in its config, or, for None, as members of one cluster
+        with static peers: (HTTP port, admin port, process) each. Stops them if one does not start."""
+        peers = [f"{HOST}:{free_port()}" for _ in range(count)]
+        started: list[tuple[int, int, Child]] = []
+        try:
+            for index, peer in enumerate(peers):
+                cluster = (
+                    f"cluster: {{endpoint: '{peer}', peers: [{', '.join(repr(p) for p in peers)}]}}\n"
+                    if extra is None
+                    else extra
+                )
+                name = f"{prefix}-{index}"
+                config, ports, admin_port = self.gateway_config(name, downstream_port, extra=cluster, **tail)
+                started.append((ports["http"], admin_port, self.start_gateway(name, config, admin_port)))
+        except BaseException:
+            for _, _, child in started:
+                self.stop(child)
+            raise
+        return started
+
     def run_scaleout(self, downstream_port: int) -> dict[str, dict[str, Any]]:
         """The same load on 1 process, 2 workers (`workers: 2`) and 3 cluster members (static peers, the
         connections spread over them): spans per CPU-second of all the gateway processes together."""
@@ -488,20 +520,8 @@ class Bench:
             ("3 independent", 3, ""),
         ):
             self.log(f"-- scale-out, {name}: {self.args.duration:.0f}s of load")
-            peers = [f"{HOST}:{free_port()}" for _ in range(members)]
-            started: list[tuple[int, int, Child]] = []
+            started = self.start_members("scaleout", members, downstream_port, tail, extra)
             try:
-                for index, peer in enumerate(peers):
-                    cluster = (
-                        f"cluster: {{endpoint: '{peer}', peers: [{', '.join(repr(p) for p in peers)}]}}\n"
-                        if extra is None
-                        else extra
-                    )
-                    config, ports, admin_port = self.gateway_config(
-                        f"scaleout-{index}", downstream_port, extra=cluster, **tail
-                    )
-                    child = self.start_gateway(f"scaleout-{index}", config, admin_port)
-                    started.append((ports["http"], admin_port, child))
                 (port, _, first), others = started[0], started[1:]
                 result = self.throughput(port, first, "http", [(p, child) for p, _, child in others])
                 texts = [self.metrics(admin) for _, admin, _ in started]
@@ -523,32 +543,10 @@ class Bench:
         """Two members (static peers), the load on the first only: the sender's CPU per span it forwards
         and the owner's per span it gets, each against a span handled where it arrives (`single`)."""
         self.log(f"-- scale-out, forward cost (2 members, load on one): {self.args.duration:.0f}s of load")
-        peers = [f"{HOST}:{free_port()}" for _ in range(2)]
-        started: list[tuple[int, int, Child]] = []
+        started = self.start_members("forward", 2, downstream_port, tail)
         try:
-            for index, peer in enumerate(peers):
-                cluster = f"cluster: {{endpoint: '{peer}', peers: [{', '.join(repr(p) for p in peers)}]}}\n"
-                config, ports, admin_port = self.gateway_config(
-                    f"forward-{index}", downstream_port, extra=cluster, **tail
-                )
-                started.append(
-                    (ports["http"], admin_port, self.start_gateway(f"forward-{index}", config, admin_port))
-                )
             (port, sender_admin, sender), (_, _, owner) = started
-            cpu: dict[str, tuple[float, float]] = {}
-            profilers: list[subprocess.Popen[bytes]] = []
-
-            def on_event(kind: str) -> None:
-                cpu[kind] = (cpu_seconds(sender.pid), cpu_seconds(owner.pid))
-                if kind == "measure_start" and self.args.profile is not None:
-                    profilers.extend(self.profile([sender, owner]))
-
-            extra = ["--duration", str(self.args.duration), "--warmup", str(self.args.warmup)]
-            load = self.loadgen(
-                port, extra, deadline=self.args.duration + self.args.warmup + 30, on_event=on_event
-            )
-            for profiler in profilers:
-                profiler.wait(timeout=30)
+            load = self.throughput(port, sender, watched=[owner])
             text = self.metrics(sender_admin)
         finally:
             for _, _, child in started:
@@ -559,8 +557,8 @@ class Bench:
         )
         share = _sum_family(text, "tailgate_cluster_forwarded_spans_total") / accepted if accepted else 0.0
         here = 1e6 / single["spans_per_cpu_second"]  # µs per span handled where it arrives
-        sender_us = (cpu["measure_stop"][0] - cpu["measure_start"][0]) * 1e6 / spans
-        owner_us = (cpu["measure_stop"][1] - cpu["measure_start"][1]) * 1e6 / spans
+        sender_cpu, owner_cpu = load["server_cpu_seconds_each"]
+        sender_us, owner_us = sender_cpu * 1e6 / spans, owner_cpu * 1e6 / spans
         forwarded = max(share, 1e-9)
         return {
             "spans_per_second": load["spans_per_second"],
