@@ -196,6 +196,18 @@ def popen(command: list[str], runtime: Path, **options: Any) -> subprocess.Popen
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "TMPDIR": str(runtime)}, **options)
 
 
+def run_to_end(command: list[str], runtime: Path) -> subprocess.CompletedProcess[str]:
+    """Run the supervisor as popen does, to its exit, with its output as text."""
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(runtime)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def test_worker_contract_helpers(tmp_path: Path) -> None:
     directory = str(tmp_path)
     assert worker_command("c.yaml", 1, 4, directory) == [
@@ -343,14 +355,7 @@ async def test_sighup_is_forwarded_to_every_worker(tmp_path: Path) -> None:
 
 def test_every_worker_failing_its_first_start_with_status_2_exits_2(tmp_path: Path) -> None:
     command, _, runtime = supervisor_process(tmp_path, "exit2")
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "TMPDIR": str(runtime)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_to_end(command, runtime)
     assert result.returncode == 2, result.stderr
     assert "stand-in worker 0: invalid config" in result.stderr
     assert "tailgate: no worker could start" in result.stderr
@@ -363,14 +368,7 @@ def test_an_admin_port_in_use_is_a_start_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", admin_port))
         taken.listen()
-        result = subprocess.run(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "TMPDIR": str(runtime)},
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = run_to_end(command, runtime)
     assert result.returncode == 1, result.stderr
     assert "tailgate: cannot start" in result.stderr
     assert "Traceback" not in result.stderr
