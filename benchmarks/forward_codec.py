@@ -1,11 +1,16 @@
-"""The cluster forward format's cost per span, against decode_protobuf measured in the same run.
+"""What forwarding costs per span in the buffer and the forward format, against a span buffered where it
+arrives, measured in the same run (no network: `make bench`'s forward cost run has the whole pipeline).
 
-Bodies are the benchmark workload's (512 realistic spans each); the sender encodes the span batches a
-receiver decoded, the owner decodes them back. Because upb builds a field only when it is read, each
-decoder is also timed with the reads the trace buffer makes per span (ids, times, status code): that is
-the cost the owner pays. Formats:
-  forward   the forward format (sampler.cluster.forward): each message an encoded request of the spans
-  rebuild   payloads as a msgpack list; the owner frames them into a request and runs decode_protobuf
+Bodies are the benchmark workload's (512 realistic spans each, 8-span traces). Two members own the trace
+ids; the member the bodies reach buffers its own traces and summarizes the others (TraceBuffer.add_spans
+with a router), then encodes them (forward.traces_message); their owner decodes the message
+(forward.decode_body) and merges the traces into its buffer (TraceBuffer.add_traces).
+
+  here      decode_protobuf + add_spans, one member: µs per span
+  sender    decode_protobuf + add_spans with the router, and encoding: µs per span it forwards, its own
+            spans counted at the `here` cost
+  encode    traces_message alone, per forwarded span
+  owner     decode_body + add_traces, per forwarded span
 """
 
 from __future__ import annotations
@@ -15,60 +20,40 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 from workload import BodyStream, build_pool
 
-from sampler.buffer import SpanBatch
-from sampler.cluster.forward import SpansMessage, decode_body, encode_body, encode_spans
-from sampler.otlp_wire import Scope, encode_request, frame_run
+from sampler.buffer import DecisionCache, TraceBuffer
+from sampler.cluster.forward import TracesMessage, body_parts, decode_body, traces_message
+from sampler.cluster.ring import Ring
+from sampler.config import TailSamplingConfig
 from sampler.receivers.otlp_decode import decode_protobuf
 
-
-def read_fields(batches: list[SpanBatch]) -> int:
-    """What the trace buffer reads of each span, once each (as TraceBuffer.add_spans)."""
-    total = 0
-    for batch in batches:
-        for span, _payload in zip(batch.spans, batch.payloads, strict=True):
-            total += len(span.trace_id) + len(span.span_id) + len(span.parent_span_id)
-            total += span.start_time_unix_nano + span.end_time_unix_nano + span.status.code
-    return total
+HERE, OTHER = "127.0.0.1:1", "127.0.0.1:2"
 
 
-def records_encode(batches: list[SpanBatch]) -> bytes:
-    return encode_body([encode_spans(batches, 1)])
+def fresh_buffer() -> TraceBuffer:
+    """A buffer that holds everything it is given (no limit reached, no deadline passes)."""
+    settings = TailSamplingConfig(num_traces=10_000_000, max_buffered_spans=100_000_000)
+    return TraceBuffer(settings, frozenset(), DecisionCache(100_000, 100_000), lambda: 0.0)
 
 
-def records_decode(body: bytes) -> list[SpanBatch]:
-    batches: list[SpanBatch] = []
-    for message in decode_body(body):
-        if isinstance(message, SpansMessage):
-            batches += message.batches
-    return batches
+def router(ring: Ring) -> Callable[[bytes], str | None]:
+    def foreign_owner(trace_id: bytes) -> str | None:
+        owner = ring.owner(trace_id)
+        return None if owner == HERE else owner
+
+    return foreign_owner
 
 
-def rebuild_encode(batches: list[SpanBatch]) -> bytes:
-    fields = [[b.resource, b.scope, b.resource_payload, list(b.payloads)] for b in batches]
-    packed: bytes = msgpack.packb([1, fields], use_bin_type=True)
-    return packed
-
-
-def rebuild_decode(body: bytes) -> list[SpanBatch]:
-    _, fields = msgpack.unpackb(body)
-    groups = [
-        (Scope(resource, scope), frame_run(payloads), len(payloads))
-        for resource, scope, _, payloads in fields
-    ]
-    return decode_protobuf(encode_request(groups))
-
-
-def best_time(function: Callable[[Any], Any], inputs: list[Any], rounds: int) -> float:
-    """Seconds per input, the best of `rounds` passes over all inputs."""
+def best_time(function: Callable[[TraceBuffer, Any], Any], inputs: list[Any], rounds: int) -> float:
+    """Seconds for all inputs, the best of `rounds` passes, each into a fresh buffer."""
     best = float("inf")
     for _ in range(rounds):
+        buffer = fresh_buffer()
         started = time.perf_counter()
         for item in inputs:
-            function(item)
-        best = min(best, (time.perf_counter() - started) / len(inputs))
+            function(buffer, item)
+        best = min(best, time.perf_counter() - started)
     return best
 
 
@@ -76,47 +61,49 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bodies", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--bodies", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    stream = BodyStream(build_pool(args.bodies))
+    stream = BodyStream(build_pool(16))
     bodies = [stream.next_body()[0] for _ in range(args.bodies)]
-    decoded = [decode_protobuf(body) for body in bodies]
-    spans = sum(len(b.payloads) for batches in decoded for b in batches) / len(bodies)
-    body_bytes = sum(map(len, bodies)) / len(bodies)
+    spans = sum(len(batch.payloads) for body in bodies for batch in decode_protobuf(body))
+    route = router(Ring([HERE, OTHER]))
 
-    def per_span(function: Callable[[Any], Any], inputs: list[Any]) -> float:
-        return best_time(function, inputs, args.rounds) / spans * 1e6
+    def sender(buffer: TraceBuffer, body: bytes) -> list[tuple[bytes, bytes]]:
+        result = buffer.add_spans(decode_protobuf(body), route)
+        return [traces_message(traces, 1) for traces in result.foreign.values()]
 
-    probe = per_span(decode_protobuf, bodies)
-    probe_read = per_span(lambda body: read_fields(decode_protobuf(body)), bodies)
-    rows: list[tuple[str, float, float, float, float]] = [
-        ("decode_protobuf (probe)", 0.0, probe, probe_read, body_bytes / spans)
+    forwarded = [b"".join(body_parts(sender(fresh_buffer(), body))) for body in bodies]
+    summaries = [fresh_buffer().add_spans(decode_protobuf(body), route).foreign[OTHER] for body in bodies]
+    forwarded_spans = sum(trace.span_count for traces in summaries for trace in traces)
+
+    def owner(buffer: TraceBuffer, body: bytes) -> None:
+        for message in decode_body(body, buffer.intern_scope):
+            assert isinstance(message, TracesMessage)
+            buffer.add_traces(message.traces)
+
+    here = (
+        best_time(lambda buffer, body: buffer.add_spans(decode_protobuf(body)), bodies, args.rounds) / spans
+    )
+    sent = best_time(sender, bodies, args.rounds)
+    own_spans = spans - forwarded_spans
+    rows = [
+        ("here", here),
+        ("sender", (sent - own_spans * here) / forwarded_spans),
+        (
+            "encode",
+            best_time(lambda _, traces: traces_message(traces, 1), summaries, args.rounds) / forwarded_spans,
+        ),
+        ("owner", best_time(owner, forwarded, args.rounds) / forwarded_spans),
     ]
-    for name, encode, decode in (
-        ("forward format", records_encode, records_decode),
-        ("rebuild via decode_protobuf", rebuild_encode, rebuild_decode),
-    ):
-        encoded = [encode(batches) for batches in decoded]
-        rows.append(
-            (
-                name,
-                per_span(encode, decoded),
-                per_span(decode, encoded),
-                per_span(lambda body, decode=decode: read_fields(decode(body)), encoded),
-                sum(map(len, encoded)) / len(encoded) / spans,
-            )
-        )
-    print(f"{len(bodies)} bodies of {spans:.0f} spans, {body_bytes / spans:.0f} protobuf bytes per span")
-    print("µs per span; '+reads' adds the buffer's field reads, 'vs probe' compares +reads with the probe's;")
-    print("'both' is what sender and owner pay together (encode + decode + reads)")
-    header = ("format", "encode", "decode", "+reads", "vs probe", "both", "B/span")
-    print(f"{header[0]:28s}" + "".join(f"{title:>9s}" for title in header[1:]))
-    for name, encode_us, decode_us, read_us, size in rows:
-        encode_text = f"{encode_us:9.3f}" if encode_us else f"{'-':>9s}"
-        ratio = read_us / probe_read
-        both = encode_us + read_us
-        print(f"{name:28s}{encode_text}{decode_us:9.3f}{read_us:9.3f}{ratio:8.2f}x{both:9.3f}{size:9.0f}")
+    print(f"{len(bodies)} bodies of {spans / len(bodies):.0f} spans; {forwarded_spans / spans:.0%} forwarded")
+    for name, seconds in rows:
+        print(f"{name:8s} {seconds * 1e6:7.3f} µs per span")
+    extra = rows[1][1] + rows[3][1] - here
+    print(
+        f"a forwarded span costs {extra * 1e6:.3f} µs more than one buffered where it arrives "
+        f"({extra / here:.0%})"
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from functools import partial
 
 from policies.registry import build_policies
 from sampler.admin import AdminServer, registry_renderer
-from sampler.buffer import DecisionCache, SpanBatch, TraceBuffer
+from sampler.buffer import DecisionCache, Trace, TraceBuffer
 from sampler.cluster.membership import StaticMembership, build_membership
 from sampler.cluster.node import ClusterNode
 from sampler.config import AdminConfig, Config, ForwardConfig
@@ -285,13 +285,13 @@ def build_cluster(
     )
 
 
-def _accept_from_peer(ingest: Ingest, batches: list[SpanBatch], hops: int) -> int:
-    """Buffer spans a peer forwarded; PeerOverloaded (503 to the peer, which retries) when they cannot be
+def _accept_from_peer(ingest: Ingest, traces: list[Trace], hops: int) -> int:
+    """Buffer traces a peer forwarded; PeerOverloaded (503 to the peer, which retries) when they cannot be
     taken now."""
     if ingest.pressure.overloaded:
         ingest.refuse("overloaded")
         raise PeerOverloaded(OVERLOADED, ingest.pressure.retry_after)
     try:
-        return ingest.add(batches, hops=hops).accepted
+        return ingest.add_traces(traces, hops).accepted
     except Unavailable as unavailable:
         raise PeerOverloaded(unavailable.message, unavailable.retry_after) from None

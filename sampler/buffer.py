@@ -8,6 +8,7 @@ callback, so nothing leaves the buffer undecided.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from sampler.otlp_wire import (
     frame,
     frame_run,
     split_framed,
+    split_payloads,
 )
 
 _ZERO_TRACE_ID = bytes(16)
@@ -37,6 +39,9 @@ _MAX_VALUES_PER_KEY = 64
 _MAX_INTERNED_SCOPES = 10_000
 # Above any fixed64 start time: "no start seen yet".
 _NO_START = 1 << 64
+# The deadline of a trace summarized here for the member that owns it (TraceBuffer.add_spans in a
+# cluster): no root moves it earlier, so it never enters a deadline queue here.
+_UNSCHEDULED = -math.inf
 
 
 class Trace:
@@ -87,11 +92,67 @@ class Trace:
     def min_start_ns(self) -> int:
         return 0 if self._min_start == _NO_START else self._min_start
 
+    def summary(self) -> tuple[bytes, int, int, int, int, int, bool]:
+        """What another member needs to merge this trace into its own (see `detached`): trace id, span
+        count, spans with a status code, status code bits, earliest start, latest end, root seen."""
+        return (
+            self.trace_id,
+            self.span_count,
+            self._coded_spans,
+            self._codes,
+            self._min_start,
+            self.max_end_ns,
+            self.root_seen,
+        )
+
+    @classmethod
+    def detached(
+        cls,
+        trace_id: bytes,
+        span_count: int,
+        coded_spans: int,
+        codes: int,
+        min_start: int,
+        max_end: int,
+        root_seen: bool,
+        items: list[bytes | Scope],
+        nbytes: int,
+    ) -> Trace:
+        """A trace as another member summarized it (the fields of `summary()`), with its spans (`items`,
+        `nbytes`), to hand to TraceBuffer.add_traces."""
+        trace = cls(trace_id, _UNSCHEDULED)
+        trace.span_count = span_count
+        trace._coded_spans = coded_spans
+        trace._codes = codes
+        trace._min_start = min_start
+        trace.max_end_ns = max_end
+        trace.root_seen = root_seen
+        trace.items = items
+        trace.nbytes = nbytes
+        return trace
+
+    def merge(self, other: Trace) -> None:
+        """Add another summary of spans of this trace (TraceBuffer.add_traces): its spans, counts, status
+        codes and times. The caller handles the root."""
+        self.items += other.items
+        self.nbytes += other.nbytes
+        self.span_count += other.span_count
+        self._codes |= other._codes
+        self._coded_spans += other._coded_spans
+        if other._min_start < self._min_start:
+            self._min_start = other._min_start
+        if other.max_end_ns > self.max_end_ns:
+            self.max_end_ns = other.max_end_ns
+
     def release(self) -> None:
         """Drop the span bytes once decided: stale queue entries may keep the object a while."""
         self.items = []
         self.attributes = None
         self._parsed = None
+
+    def runs(self) -> list[tuple[Scope, bytes]]:
+        """The trace's runs of framed spans, each with its scope, in arrival order."""
+        return _runs(self.items)
 
     def spans(self) -> list[SpanRecord]:
         """Every valid span parsed in full, with its resource and scope; parsed once per trace."""
@@ -128,10 +189,7 @@ class Trace:
         framed spans with the same spans parsed and returns the framed spans to export.
         """
         runs: dict[Scope, list[bytes]] = {}
-        items = self.items
-        for index in range(0, len(items), 2):
-            scope, run = items[index], items[index + 1]
-            assert isinstance(scope, Scope) and isinstance(run, bytes)
+        for scope, run in self.runs():
             runs.setdefault(scope, []).append(run)
         groups: list[SpanGroup] = []
         invalid = 0
@@ -157,12 +215,19 @@ class Trace:
         return groups, invalid
 
 
-def _parse_items(items: list[bytes | Scope]) -> list[SpanRecord]:
-    records: list[SpanRecord] = []
-    headers: dict[Scope, tuple[Resource, InstrumentationScope]] = {}
+def _runs(items: list[bytes | Scope]) -> list[tuple[Scope, bytes]]:
+    pairs: list[tuple[Scope, bytes]] = []
     for index in range(0, len(items), 2):
         scope, run = items[index], items[index + 1]
         assert isinstance(scope, Scope) and isinstance(run, bytes)
+        pairs.append((scope, run))
+    return pairs
+
+
+def _parse_items(items: list[bytes | Scope]) -> list[SpanRecord]:
+    records: list[SpanRecord] = []
+    headers: dict[Scope, tuple[Resource, InstrumentationScope]] = {}
+    for scope, run in _runs(items):
         header = headers.get(scope)
         if header is None:
             # Checked when the scope was interned, so these parse.
@@ -296,8 +361,21 @@ class IngestResult:
     late_invalid: int = 0  # late spans of kept traces left out as not valid OTLP
     late: list[LateSpan] = field(default_factory=list)
     seq: int = -1  # the request's number in the write-ahead log, if there is one
-    # In a cluster: spans of traces other members own, per owner, to forward (see TraceBuffer.add_spans).
-    foreign: dict[str, list[SpanBatch]] = field(default_factory=dict)
+    # In a cluster: traces other members own, summarized here, per owner, to forward (see
+    # TraceBuffer.add_spans).
+    foreign: dict[str, list[Trace]] = field(default_factory=dict)
+
+    def absorb(self, other: IngestResult) -> None:
+        """Add what became of more spans of the same request (their late spans were handed on already)."""
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+        self.errors += [error for error in other.errors if error not in self.errors]
+        self.late_kept += other.late_kept
+        self.late_dropped += other.late_dropped
+        self.late_invalid += other.late_invalid
+        self.late += other.late
+        for owner, traces in other.foreign.items():
+            self.foreign.setdefault(owner, []).extend(traces)
 
 
 # The decider's entry points, injected so the buffer never imports downstream modules.
@@ -403,19 +481,22 @@ class TraceBuffer:
 
         The inner loop runs once per span: it is written for the interpreter, with the rare cases (new
         trace, root span, invalid ids, full trace) moved out to methods. In a cluster, `foreign_owner`
-        is asked about each trace id not buffered here; spans of traces another member owns are left in
-        `result.foreign` for the caller to forward (as batches of payloads: their owner decodes them).
+        is asked about each trace id not buffered here; the spans of a trace another member owns are
+        checked and summarized as if buffered, into a trace left in `result.foreign` for the caller to
+        forward: its owner merges it into its own in one step (add_traces).
         """
         result = IngestResult()
         now = self.clock()
         get_trace = self.traces.get
+        # Traces summarized for other members, in this request.
+        foreign: dict[bytes, Trace] = {}
+        get_foreign = foreign.get
         max_spans = self.settings.max_spans_per_trace
         max_bytes = self.settings.maximum_trace_size_bytes
         needles = self._needles
         keys = self._attribute_keys
         spans_before = self.span_count
         early_spans = 0
-        forwarded = 0
         added_bytes = 0
         total = 0
         resource_values: list[tuple[str, AttributeValue]] = []
@@ -429,28 +510,29 @@ class TraceBuffer:
                 resource_values = _wanted_values(Resource.FromString(batch.resource_payload).attributes, keys)
             # This scope's spans per trace, joined into one run per trace at the end of the batch.
             runs: dict[Trace, list[bytes]] = {}
-            foreign: dict[str, list[bytes]] = {}
             for span, payload in zip(batch.spans, batch.payloads, strict=True):
                 trace_id = span.trace_id
-                if len(trace_id) != 16 or trace_id == _ZERO_TRACE_ID:
-                    _reject(result, trace_id, b"")
-                    continue
-                trace = get_trace(trace_id)
-                if trace is None and foreign_owner is not None:
-                    # Another member's: its owner reads (and checks) the rest of the span.
-                    owner = foreign_owner(trace_id)
-                    if owner is not None:
-                        foreign.setdefault(owner, []).append(payload)
-                        continue
                 span_id = span.span_id
                 parent_id = span.parent_span_id
-                if len(span_id) != 8 or span_id == _ZERO_SPAN_ID or (parent_id and len(parent_id) != 8):
+                if (
+                    len(trace_id) != 16
+                    or trace_id == _ZERO_TRACE_ID
+                    or len(span_id) != 8
+                    or span_id == _ZERO_SPAN_ID
+                    or (parent_id and len(parent_id) != 8)
+                ):
                     _reject(result, trace_id, span_id)
                     continue
+                trace = get_trace(trace_id)
                 if trace is None:
-                    trace = self._new_trace(trace_id, now, scope, payload, result)
+                    if foreign_owner is not None:
+                        trace = get_foreign(trace_id) or _foreign_trace(
+                            trace_id, foreign_owner, foreign, result
+                        )
                     if trace is None:
-                        continue
+                        trace = self._new_trace(trace_id, now, scope, payload, result)
+                        if trace is None:
+                            continue
                 run = runs.get(trace)
                 if run is None:
                     runs[trace] = [payload]
@@ -469,10 +551,12 @@ class TraceBuffer:
                     trace.max_end_ns = end
                 if (not parent_id or parent_id == _ZERO_SPAN_ID) and not trace.root_seen:
                     self._root_arrived(trace, now)
-                if needles:
+                # Attributes of another member's trace are read there, for the keys its policies want.
+                if needles and trace.deadline != _UNSCHEDULED:
                     _extract_attributes(trace, payload, needles, keys, resource_values)
                 trace.span_count += 1
-                if trace.span_count >= max_spans:
+                # Another member's trace reaches the limit there.
+                if trace.span_count >= max_spans and trace.deadline != _UNSCHEDULED:
                     early_spans += trace.span_count
                     framed = frame_run(runs.pop(trace))
                     trace.items += (scope, framed)
@@ -480,10 +564,6 @@ class TraceBuffer:
                     # Its earlier runs were counted before (buffer or this request); all leave now.
                     added_bytes += len(framed) - trace.nbytes
                     self._decide_full(trace)
-            for owner, payloads in foreign.items():
-                part = SpanBatch(batch.resource, batch.scope, batch.resource_payload, (), payloads)
-                result.foreign.setdefault(owner, []).append(part)
-                forwarded += len(payloads)
             for trace, payloads in runs.items():
                 framed = frame_run(payloads)
                 trace.items += (scope, framed)
@@ -494,6 +574,10 @@ class TraceBuffer:
                     added_bytes -= trace.nbytes
                     del self.traces[trace.trace_id]
                     self.decide_now([trace], "maximum_trace_size_bytes")
+        forwarded = 0
+        for trace in foreign.values():
+            forwarded += trace.span_count
+            added_bytes -= trace.nbytes
         accepted = total - result.rejected
         result.accepted = accepted
         self.span_count = (
@@ -507,18 +591,109 @@ class TraceBuffer:
         self._enforce_limits()
         return result
 
+    def add_traces(self, traces: list[Trace], foreign_owner: ForeignOwner | None = None) -> IngestResult:
+        """Buffer traces another member summarized (add_spans there, or buffered traces it handed over),
+        their scopes interned here (`intern_scope`): each is taken as it is, or merged into the trace
+        buffered here, in one step, not span by span.
+
+        A trace decided here already, or one that would reach max_spans_per_trace, goes span by span
+        through add_spans, which handles late spans and the limit exactly as for a request. In a
+        cluster, traces `foreign_owner` gives to another member are left in `result.foreign`.
+        """
+        result = IngestResult()
+        now = self.clock()
+        get_trace = self.traces.get
+        lookup = self.decisions.lookup
+        max_spans = self.settings.max_spans_per_trace
+        max_bytes = self.settings.maximum_trace_size_bytes
+        needles = self._needles
+        spans_before = self.span_count
+        added_spans = early_spans = added_bytes = 0
+        span_by_span: list[Trace] = []
+        for incoming in traces:
+            trace_id = incoming.trace_id
+            trace = get_trace(trace_id)
+            if trace is None:
+                owner = None if foreign_owner is None else foreign_owner(trace_id)
+                if owner is not None:
+                    result.foreign.setdefault(owner, []).append(incoming)
+                    result.accepted += incoming.span_count
+                    continue
+                if lookup(trace_id) is not None or incoming.span_count >= max_spans:
+                    span_by_span.append(incoming)
+                    continue
+                trace = self._adopt(incoming, now)
+            elif trace.span_count + incoming.span_count >= max_spans:
+                span_by_span.append(incoming)
+                continue
+            else:
+                if incoming.root_seen and not trace.root_seen:
+                    self._root_arrived(trace, now)
+                trace.merge(incoming)
+            if needles:
+                self._extract_run_attributes(trace, incoming)
+            added_spans += incoming.span_count
+            added_bytes += incoming.nbytes
+            if max_bytes and trace.nbytes > max_bytes and get_trace(trace_id) is trace:
+                early_spans += trace.span_count
+                added_bytes -= trace.nbytes
+                del self.traces[trace_id]
+                self.decide_now([trace], "maximum_trace_size_bytes")
+        result.accepted += added_spans
+        self.span_count = spans_before + added_spans - early_spans
+        self.byte_count += added_bytes
+        if self._stressed:
+            self._decide_stressed()
+        self._enforce_limits()
+        if span_by_span:
+            batches = [batch for trace in span_by_span for batch in _trace_batches(trace)]
+            result.absorb(self.add_spans(batches))
+        return result
+
+    def _extract_run_attributes(self, trace: Trace, incoming: Trace) -> None:
+        """Read the wanted attributes from the spans (and resources) of another member's trace."""
+        keys = self._attribute_keys
+        for scope, run in incoming.runs():
+            resource = ResourceSpans.FromString(scope.resource).resource
+            for key, value in _wanted_values(resource.attributes, keys):
+                trace.add_attribute(key, value)
+            if any(needle in run for needle in self._needles):
+                try:
+                    spans: Sequence[Span] = ScopeSpans.FromString(run).spans
+                except DecodeError:
+                    continue  # found invalid when the trace is kept, and dropped then
+                for span in spans:
+                    for key, value in _wanted_values(span.attributes, keys):
+                        trace.add_attribute(key, value)
+
+    def _start_trace(self, trace_id: bytes, now: float) -> Trace:
+        return self._schedule(Trace(trace_id, 0.0), now)
+
+    def _adopt(self, trace: Trace, now: float) -> Trace:
+        """Buffer another member's trace as it is; its root, if seen, moves its deadline as here."""
+        self._schedule(trace, now)
+        if trace.root_seen:
+            self._move_to_root_deadline(trace, now)
+        return trace
+
+    def _schedule(self, trace: Trace, now: float) -> Trace:
+        """Put a new trace in the buffer and its deadline queue."""
+        trace.deadline = now + self.settings.decision_wait
+        trace.first_seq = self.seq
+        self.traces[trace.trace_id] = trace
+        if self.stress_relief is None:
+            self._by_arrival.append(trace)
+        else:
+            self._stressed.append(trace)
+        return trace
+
     def _new_trace(
         self, trace_id: bytes, now: float, scope: Scope, payload: bytes, result: IngestResult
     ) -> Trace | None:
         """Start buffering a trace, or, if it was decided already, handle `payload` as a late span."""
         decided = self.decisions.lookup(trace_id)
         if decided is None:
-            trace = self.traces[trace_id] = Trace(trace_id, now + self.settings.decision_wait, self.seq)
-            if self.stress_relief is None:
-                self._by_arrival.append(trace)
-            else:
-                self._stressed.append(trace)
-            return trace
+            return self._start_trace(trace_id, now)
         if decided is False:
             result.late_dropped += 1
         else:
@@ -533,6 +708,9 @@ class TraceBuffer:
 
     def _root_arrived(self, trace: Trace, now: float) -> None:
         trace.root_seen = True
+        self._move_to_root_deadline(trace, now)
+
+    def _move_to_root_deadline(self, trace: Trace, now: float) -> None:
         root_deadline = now + self.settings.decision_wait_after_root_received
         if root_deadline < trace.deadline:
             trace.deadline = root_deadline
@@ -657,6 +835,41 @@ class TraceBuffer:
         self.span_count = 0
         self.byte_count = 0
         return remaining
+
+
+def _foreign_trace(
+    trace_id: bytes, foreign_owner: ForeignOwner, foreign: dict[bytes, Trace], result: IngestResult
+) -> Trace | None:
+    """A trace to summarize spans into for the member that owns `trace_id`; None when it is this one."""
+    owner = foreign_owner(trace_id)
+    if owner is None:
+        return None
+    trace = foreign[trace_id] = Trace(trace_id, _UNSCHEDULED)
+    result.foreign.setdefault(owner, []).append(trace)
+    return trace
+
+
+def _trace_batches(trace: Trace) -> list[SpanBatch]:
+    """Another member's trace as the batches a receiver would have decoded, each span parsed in full;
+    a span that does not parse stands as one without ids, so add_spans rejects it."""
+    batches: list[SpanBatch] = []
+    for scope, run in trace.runs():
+        payloads = split_payloads(run)
+        spans: list[SpanFields] = []
+        for payload in payloads:
+            try:
+                spans.append(Span.FromString(payload))
+            except DecodeError:
+                spans.append(_NO_SPAN)
+        try:
+            resource = ResourceSpans.FromString(scope.resource).resource.SerializeToString()
+        except DecodeError:
+            resource = b""  # add_spans rejects the batch for its scope
+        batches.append(SpanBatch(scope.resource, scope.scope, resource, spans, payloads))
+    return batches
+
+
+_NO_SPAN = Span()
 
 
 def _cap_deadlines(queue: deque[Trace], latest: float) -> None:

@@ -171,12 +171,31 @@ def frame_run(payloads: list[bytes]) -> bytes:
 
 
 def split_framed(entries: bytes) -> list[bytes]:
-    """The framed spans of concatenated `ScopeSpans.spans` entries, each with its tag and length."""
-    spans = []
+    """The framed spans of concatenated `ScopeSpans.spans` entries, each with its tag and length. Bytes
+    that do not frame a whole entry (a malformed run) come last, as one entry that does not parse."""
+    return [entries[pos:end] for pos, _, end in _entries(entries)]
+
+
+def split_payloads(entries: bytes) -> list[bytes]:
+    """The spans of concatenated `ScopeSpans.spans` entries, without their tags and lengths (what is
+    left of a malformed run comes last, as is)."""
+    return [entries[start:end] for _, start, end in _entries(entries)]
+
+
+def _entries(entries: bytes) -> list[tuple[int, int, int]]:
+    """(entry start, payload start, end) of each entry."""
+    found = []
     pos = 0
     end = len(entries)
     while pos < end:
-        length, start = _read_varint(entries, pos + 1)
-        spans.append(entries[pos : start + length])
+        try:
+            length, start = _read_varint(entries, pos + 1)
+        except IndexError:
+            found.append((pos, pos, end))
+            break
+        if start + length > end:
+            found.append((pos, pos, end))
+            break
+        found.append((pos, start, start + length))
         pos = start + length
-    return spans
+    return found

@@ -1,21 +1,25 @@
-"""Forwarding between cluster members: spans of traces another member owns, trace decisions, and buffered
-traces handed over on a membership change, batched per peer into msgpack POSTs to `/cluster/v1/forward`.
+"""Forwarding between cluster members: traces another member owns, trace decisions, and buffered traces
+handed over on a membership change, batched per peer into msgpack POSTs to `/cluster/v1/forward`.
 
 A request body is a msgpack stream: the format version, then one array per message.
 
-    [SPANS, hops, request]                 spans for the traces the peer owns
-    [TRACES, hops, [request, ...]]         whole buffered traces handed over, one request each
+    [TRACES, hops, header, runs]           traces for the peer to merge into its own
     [DECISIONS, [[kept, policy, probability, trace ids joined], ...]]   decisions grouped by outcome
 
-A `request` is an encoded OTLP ExportTraceServiceRequest holding the spans as they arrived (their wire
-bytes, never re-encoded): the owner decodes it as a receiver would, in one C pass. That costs both sides
-less than packing each span's fields, and copies each span's bytes the fewest times.
+A TRACES message carries traces as the sender summarized them (TraceBuffer.add_spans, or buffered
+traces handed over). `header` is msgpack [scopes, trace records, run scopes, run lengths]: `scopes` lists
+each [ResourceSpans fields, ScopeSpans fields] the runs use, `trace records` packs a TRACE_RECORD per
+trace, and per run of spans (a trace's spans of one scope, in trace order) the two arrays give its
+scope's index and its length. `runs`, the last bin, holds the runs themselves: framed spans as they
+arrived, never re-encoded. The owner merges each trace into its own in one step: neither side reads or
+frames a span again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import random
@@ -23,28 +27,26 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import aiohttp
 import msgpack
 from aiohttp import web
 
-from sampler.buffer import SpanBatch
+from sampler.buffer import Trace
 from sampler.config import ForwardConfig
 from sampler.errors import DecodeError, PeerOverloaded
 from sampler.logthrottle import LogThrottle
-from sampler.otlp_wire import Scope, encode_request, frame_run
+from sampler.otlp_wire import Scope
 from sampler.receivers.http_server import read_all
-from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.sites import start_site
 
 log = logging.getLogger(__name__)
 
 FORWARD_PATH = "/cluster/v1/forward"
 CONTENT_TYPE = "application/x-msgpack"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # Message kinds, the first element of each message.
-SPANS = 1
 DECISIONS = 2
 TRACES = 3
 # On a 5xx reply: how many messages of the request, from its start, the peer's handlers accepted. The
@@ -53,11 +55,11 @@ ACCEPTED_HEADER = "Tailgate-Accepted-Messages"
 # A peer takes requests of this size at most. A request holds at most a queue's worth of messages, so
 # this is the default `forward.queue_bytes` and room for the version.
 DEFAULT_MAX_REQUEST_BYTES = ForwardConfig().queue_bytes + 16
-# One record per span: trace id, span id, parent span id as a Pascal string (its length byte tells an
-# absent parent from an all-zero one), start and end time, status code. 53 bytes, unpacked in C.
-SPAN_RECORD = struct.Struct("<16s8s9pQQi")
+# One record per trace (Trace.summary): trace id, span count, spans with a status code, status code bits,
+# earliest start, latest end, root seen; then how many runs of spans it has.
+TRACE_RECORD = struct.Struct("<16sIIIQQ?I")
 _TRACE_ID_BYTES = 16
-_SPAN_ID_BYTES = 8
+_ZERO_TRACE_ID = bytes(_TRACE_ID_BYTES)
 _ERROR_SNIPPET = 200
 # Backoff jitter as in the exporters' retries: each wait is the interval ±50%.
 JITTER = 0.5
@@ -72,25 +74,19 @@ class ForwardedDecision(NamedTuple):
     probability: float  # the keep probability (adjusted counts); 1 when certain
 
 
-# What a PeerServer hands received messages to: spans with their hop count, handed-over traces, decisions.
-SpansHandler = Callable[[list[SpanBatch], int], None]
-TracesHandler = Callable[[list[list[SpanBatch]], int], None]
+# Makes the Scope of a resource and a scope in wire form (TraceBuffer.intern_scope: the buffer's shared
+# one), None when they are not valid OTLP.
+InternScope = Callable[[bytes, bytes], Scope | None]
+# What a PeerServer hands received messages to: traces with their hop count, decisions.
+TracesHandler = Callable[[list[Trace], int], None]
 DecisionsHandler = Callable[[list[ForwardedDecision]], None]
 
 
 @dataclass(slots=True)
-class SpansMessage:
-    """Spans for traces the receiving member owns."""
-
-    batches: list[SpanBatch]
-    hops: int
-
-
-@dataclass(slots=True)
 class TracesMessage:
-    """Whole buffered traces handed over to their new owner, each as its batches."""
+    """Traces for the receiving member to merge into its own."""
 
-    traces: list[list[SpanBatch]]
+    traces: list[Trace]
     hops: int
 
 
@@ -101,30 +97,42 @@ class DecisionsMessage:
     decisions: list[ForwardedDecision]
 
 
-Message = SpansMessage | TracesMessage | DecisionsMessage
+Message = TracesMessage | DecisionsMessage
 
 
 # -- encoding --------------------------------------------------------------------------------------------
 
 
-def encode_spans(batches: Sequence[SpanBatch], hops: int) -> bytes:
-    """A SPANS message."""
-    return b"".join(spans_message(batches, hops))
+def traces_message(traces: Iterable[Trace], hops: int) -> tuple[bytes, bytes]:
+    """A TRACES message as two parts: the msgpack array with its header, then the runs bin, which is not
+    copied into a msgpack buffer. Traces without spans are left out."""
+    records: list[bytes] = []
+    items: list[bytes | Scope] = []  # every trace's alternating scope and run, in order
+    pack_trace = TRACE_RECORD.pack
+    for trace in traces:
+        if trace.span_count:
+            records.append(pack_trace(*trace.summary(), len(trace.items) >> 1))
+            items += trace.items
+    scopes: dict[Scope, int] = {}
+    run_scopes = [scopes.setdefault(scope, len(scopes)) for scope in cast(list[Scope], items[::2])]
+    runs = cast(list[bytes], items[1::2])
+    header: bytes = msgpack.packb(
+        [
+            [[scope.resource, scope.scope] for scope in scopes],
+            b"".join(records),
+            run_scopes,
+            list(map(len, runs)),
+        ],
+        use_bin_type=True,
+    )
+    joined = b"".join(runs)
+    prefix = _ARRAY_OF_4 + _TRACES_KIND + msgpack.packb(hops) + _BIN32.pack(0xC6, len(header))
+    return prefix + header + _BIN32.pack(0xC6, len(joined)), joined
 
 
-def spans_message(batches: Sequence[SpanBatch], hops: int) -> tuple[bytes, bytes]:
-    """A SPANS message as two parts: the msgpack array and bin headers, then the request itself, which
-    is not copied into a msgpack buffer."""
-    request = _request(batches)
-    header = _ARRAY_OF_3 + msgpack.packb(SPANS) + msgpack.packb(hops) + _BIN32.pack(0xC6, len(request))
-    return header, request
-
-
-def encode_traces(traces: Sequence[Sequence[SpanBatch]], hops: int) -> bytes:
-    """A TRACES message: each trace's batches."""
-    requests = [_request(trace) for trace in traces]
-    packed: bytes = msgpack.packb([TRACES, hops, requests], use_bin_type=True)
-    return packed
+def encode_traces(traces: Iterable[Trace], hops: int) -> bytes:
+    """A TRACES message in one piece."""
+    return b"".join(traces_message(traces, hops))
 
 
 def encode_decisions(decisions: Iterable[ForwardedDecision]) -> bytes:
@@ -142,7 +150,8 @@ def encode_decisions(decisions: Iterable[ForwardedDecision]) -> bytes:
 
 
 _VERSION: bytes = msgpack.packb(FORMAT_VERSION)
-_ARRAY_OF_3 = b"\x93"  # msgpack fixarray of 3
+_ARRAY_OF_4 = b"\x94"  # msgpack fixarray of 4
+_TRACES_KIND: bytes = msgpack.packb(TRACES)
 _BIN32 = struct.Struct(">BI")  # msgpack bin 32: marker, length
 
 
@@ -158,22 +167,15 @@ def encode_body(messages: Iterable[bytes]) -> bytes:
     return b"".join(body_parts((message,) for message in messages))
 
 
-def _request(batches: Sequence[SpanBatch]) -> bytes:
-    """The batches' spans as an encoded ExportTraceServiceRequest."""
-    return encode_request(
-        [(Scope(batch.resource, batch.scope), frame_run(list(batch.payloads)), 0) for batch in batches]
-    )
-
-
 # -- decoding --------------------------------------------------------------------------------------------
 
 
-def decode_body(body: bytes) -> list[Message]:
-    """The messages of a request body; DecodeError naming what is wrong. Nothing is handed on from a body
-    that does not decode in full.
+def decode_body(body: bytes, intern: InternScope = Scope) -> list[Message]:
+    """The messages of a request body, their scopes made by `intern`; DecodeError naming what is wrong.
+    Nothing is handed on from a body that does not decode in full.
 
-    SPANS messages as `spans_message` writes them are read without copying their request out of the
-    body; anything else goes through msgpack.
+    TRACES messages as `traces_message` writes them are read without copying their runs out of the body
+    but once, run by run; anything else goes through msgpack.
     """
     if not body:
         raise DecodeError("empty body: expected the format version")
@@ -183,30 +185,37 @@ def decode_body(body: bytes) -> list[Message]:
     messages: list[Message] = []
     pos = 1
     while pos < len(body):
-        found = _spans_at(body, view, pos)
+        found = _traces_at(body, view, pos, intern)
         if found is None:
             item, pos = _unpack_at(view, pos)
-            found = decode_message(item), pos
+            found = decode_message(item, intern), pos
         messages.append(found[0])
         pos = found[1]
     return messages
 
 
-def _spans_at(body: bytes, view: memoryview, pos: int) -> tuple[Message, int] | None:
-    """The SPANS message at `pos` and where it ends, if it has the shape `spans_message` writes (array of
-    3, fixint kind and hops, bin 32); None for any other shape."""
+def _traces_at(body: bytes, view: memoryview, pos: int, intern: InternScope) -> tuple[Message, int] | None:
+    """The TRACES message at `pos` and where it ends, if it has the shape `traces_message` writes (array
+    of 4, fixint kind and hops, two bin 32); None for any other shape."""
     if (
         len(body) - pos < 8
-        or body[pos] != _ARRAY_OF_3[0]
-        or body[pos + 1] != SPANS
+        or body[pos] != _ARRAY_OF_4[0]
+        or body[pos + 1] != TRACES
         or body[pos + 2] >= 0x80
         or body[pos + 3] != 0xC6
     ):
         return None
-    stop = pos + 8 + int.from_bytes(body[pos + 4 : pos + 8], "big")
+    header_end = pos + 8 + int.from_bytes(body[pos + 4 : pos + 8], "big")
+    if header_end + 5 > len(body):
+        raise DecodeError(f"truncated body: a message is cut off after byte {pos} of {len(body)}")
+    if body[header_end] != 0xC6:
+        return None
+    runs_start = header_end + 5
+    stop = runs_start + int.from_bytes(body[header_end + 1 : runs_start], "big")
     if stop > len(body):
         raise DecodeError(f"truncated body: a message is cut off after byte {pos} of {len(body)}")
-    return SpansMessage(_batches(view[pos + 8 : stop]), body[pos + 2]), stop
+    header = _unpack_header(view[pos + 8 : header_end], intern)
+    return TracesMessage(_traces(header, body, runs_start, stop), body[pos + 2]), stop
 
 
 def _unpack_at(view: memoryview, pos: int) -> tuple[Any, int]:
@@ -230,19 +239,18 @@ def _unpack_version(body: bytes) -> None:
     raise DecodeError(f"unsupported forward format version {version!r} (expected {FORMAT_VERSION})")
 
 
-def decode_message(item: Any) -> Message:
-    """One unpacked message; DecodeError when it is not one of the known kinds and shapes."""
+def decode_message(item: Any, intern: InternScope = Scope) -> Message:
+    """One unpacked message, its scopes made by `intern`; DecodeError when it is not one of the known
+    kinds and shapes."""
     if not isinstance(item, list) or not item:
         raise DecodeError("a message must be a non-empty array")
     kind = item[0]
     if type(kind) is int:
-        if kind == SPANS and len(item) == 3:
-            return SpansMessage(_batches(item[2]), _hops(item[1]))
-        if kind == TRACES and len(item) == 3:
-            traces = item[2]
-            if not isinstance(traces, list):
-                raise DecodeError("traces must be an array of traces")
-            return TracesMessage([_batches(trace) for trace in traces], _hops(item[1]))
+        if kind == TRACES and len(item) == 4:
+            header, runs = item[2], item[3]
+            if not isinstance(header, bytes) or not isinstance(runs, bytes):
+                raise DecodeError("a traces message must be [3, hops, header (binary), runs (binary)]")
+            return TracesMessage(_traces(_unpack_header(header, intern), runs, 0, len(runs)), _hops(item[1]))
         if kind == DECISIONS and len(item) == 2:
             return DecisionsMessage(_decisions(item[1]))
     raise DecodeError(f"unknown message kind {kind!r} with {len(item) - 1} fields")
@@ -254,13 +262,96 @@ def _hops(value: Any) -> int:
     return value
 
 
-def _batches(value: Any) -> list[SpanBatch]:
-    if not isinstance(value, bytes | memoryview):
-        raise DecodeError("forwarded spans must be binary (an encoded ExportTraceServiceRequest)")
+def _unpack_header(data: bytes | memoryview, intern: InternScope) -> _Header:
+    """A TRACES message's header: its scopes, trace records and each run's scope and length, checked for
+    shape."""
     try:
-        return decode_protobuf(value)
-    except DecodeError as error:
-        raise DecodeError(f"forwarded spans: {error}") from None
+        header = msgpack.unpackb(data, use_list=True, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise DecodeError(f"malformed traces header: {type(error).__name__}: {error}") from None
+    if (
+        not isinstance(header, list)
+        or len(header) != 4
+        or not isinstance(header[0], list)
+        or not isinstance(header[1], bytes)
+        or len(header[1]) % TRACE_RECORD.size
+        or not isinstance(header[2], list)
+        or not isinstance(header[3], list)
+        or len(header[2]) != len(header[3])
+        or _negative(header[2])
+        or _negative(header[3])
+    ):
+        raise DecodeError(
+            "a traces header must be [scopes, trace records (binary), run scopes, run lengths (arrays of "
+            "non-negative integers of one length)]"
+        )
+    scopes: list[Scope] = []
+    for pair in header[0]:
+        if not isinstance(pair, list) or len(pair) != 2 or not all(type(part) is bytes for part in pair):
+            raise DecodeError("a scope must be [resource (binary), scope (binary)]")
+        scope = intern(pair[0], pair[1])
+        if scope is None:
+            raise DecodeError("a scope of a traces message is not a valid OTLP resource and scope")
+        scopes.append(scope)
+    return _Header(scopes, header[1], header[2], header[3])
+
+
+class _Header(NamedTuple):
+    scopes: list[Scope]
+    records: bytes  # a TRACE_RECORD per trace
+    run_scopes: list[int]  # per run: its scope's index in `scopes`
+    run_lengths: list[int]
+
+
+def _negative(values: list[Any]) -> bool:
+    """Whether `values` hold anything but non-negative integers."""
+    try:
+        return bool(values) and min(values) < 0
+    except TypeError:  # not all numbers; floats fail later, as indexes
+        return True
+
+
+def _traces(header: _Header, body: bytes, start: int, stop: int) -> list[Trace]:
+    """The traces a TRACES message carries, their runs taken from `body[start:stop]`."""
+    scopes, records, run_scopes, run_lengths = header
+    # Where each run starts (and the last ends), then every trace's alternating scope and run, in order.
+    offsets = list(itertools.accumulate(run_lengths, initial=start))
+    if offsets[-1] != stop:
+        raise DecodeError("a traces message's run lengths do not add up to its runs")
+    items: list[bytes | Scope] = [b""] * (2 * len(run_lengths))
+    try:
+        items[::2] = [scopes[index] for index in run_scopes]
+    except IndexError:
+        raise DecodeError("a run of a traces message refers to a scope it does not have") from None
+    items[1::2] = [body[begin:end] for begin, end in itertools.pairwise(offsets)]
+    traces: list[Trace] = []
+    run = 0
+    detached = Trace.detached
+    for trace_id, span_count, coded, codes, min_start, max_end, root, run_count in TRACE_RECORD.iter_unpack(
+        records
+    ):
+        if trace_id == _ZERO_TRACE_ID or not span_count or not run_count:
+            raise DecodeError("a forwarded trace must have a trace id (not all zero), spans and runs")
+        end = run + run_count
+        if end > len(run_lengths):
+            raise DecodeError("a traces message's trace records do not match its runs")
+        traces.append(
+            detached(
+                trace_id,
+                span_count,
+                coded,
+                codes,
+                min_start,
+                max_end,
+                root,
+                items[2 * run : 2 * end],
+                offsets[end] - offsets[run],
+            )
+        )
+        run = end
+    if run != len(run_lengths):
+        raise DecodeError("a traces message's trace records do not match its runs")
+    return traces
 
 
 def _decisions(value: Any) -> list[ForwardedDecision]:
@@ -307,24 +398,23 @@ class PeerServer:
 
     A request is answered 200 only after every message in it was handed on; 400 with a message when its
     body does not decode (nothing handed on); 503 with Retry-After when a handler raises PeerOverloaded.
-    Handed-over traces go to `on_traces` when given, else each message's batches to `on_spans`.
     """
 
     def __init__(
         self,
         endpoint: str,
-        on_spans: SpansHandler,
+        on_traces: TracesHandler,
         on_decisions: DecisionsHandler,
         *,
-        on_traces: TracesHandler | None = None,
+        intern_scope: InternScope = Scope,
         unix_path: str | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         shutdown_grace: float = 5.0,
     ) -> None:
         self.endpoint = endpoint
-        self.on_spans = on_spans
-        self.on_decisions = on_decisions
         self.on_traces = on_traces
+        self.on_decisions = on_decisions
+        self.intern_scope = intern_scope
         self.unix_path = unix_path
         self.max_request_bytes = max_request_bytes
         self.shutdown_grace = shutdown_grace
@@ -369,7 +459,7 @@ class PeerServer:
             self.stats.malformed += 1
             return web.Response(status=413, text=f"body exceeds max_request_bytes ({self.max_request_bytes})")
         try:
-            messages = decode_body(body)
+            messages = decode_body(body, self.intern_scope)
         except DecodeError as error:
             self.stats.malformed += 1
             self._log_error("malformed request from %s: %s", request.remote, error)
@@ -392,15 +482,9 @@ class PeerServer:
         return web.Response(status=200)
 
     def _hand_on(self, message: Message) -> None:
-        if isinstance(message, SpansMessage):
-            self.on_spans(message.batches, message.hops)
-            self.stats.spans += _span_count(message.batches)
-        elif isinstance(message, TracesMessage):
-            if self.on_traces is not None:
-                self.on_traces(message.traces, message.hops)
-            else:
-                self.on_spans([batch for trace in message.traces for batch in trace], message.hops)
-            self.stats.spans += sum(_span_count(trace) for trace in message.traces)
+        if isinstance(message, TracesMessage):
+            self.on_traces(message.traces, message.hops)
+            self.stats.spans += _span_count(message.traces)
         else:
             self.on_decisions(message.decisions)
             self.stats.decisions += len(message.decisions)
@@ -410,8 +494,8 @@ class PeerServer:
             log.warning(text + " (%d similar messages suppressed)", *args, self._error_log.take_suppressed())
 
 
-def _span_count(batches: Iterable[SpanBatch]) -> int:
-    return sum(len(batch.payloads) for batch in batches)
+def _span_count(traces: Iterable[Trace]) -> int:
+    return sum(trace.span_count for trace in traces)
 
 
 # -- the sending side ------------------------------------------------------------------------------------
@@ -534,33 +618,23 @@ class Forwarder:
         self._failure_log = LogThrottle()
         self._refusal_log = LogThrottle()
 
-    def send_spans(self, peer: str, batches: Sequence[SpanBatch], hops: int, force: bool = False) -> bool:
-        """Queue spans for `peer`; False, with nothing queued, when its queue has no room for them (or,
-        with `force`, only when the forwarder is closed: the queue may then exceed its bound).
+    def send_traces(self, peer: str, traces: Sequence[Trace], hops: int, force: bool = False) -> bool:
+        """Queue traces for `peer` to merge into its own: summarized here, or buffered here and handed
+        over. False, with nothing queued, when its queue has no room for them (or, with `force`, only when
+        the forwarder is closed: the queue may then exceed its bound).
 
-        Only each batch's resource, scope and payloads are sent: the peer decodes the spans from them.
         `hops` reaches the peer's handler as given: the caller counts how often spans were forwarded.
         """
-        spans = _span_count(batches)
+        spans = _span_count(traces)
         if not spans:
             return True
         if self._closed or (not force and self._refusing(peer)):
             return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, _Entry(SPANS, spans_message(batches, hops), spans, 0, 0.0), force)
+        return self._enqueue(peer, _Entry(TRACES, traces_message(traces, hops), spans, 0, 0.0), force)
 
     def full(self, peer: str) -> bool:
-        """Whether `peer`'s queue is full (or the forwarder closed): spans for it would be refused."""
+        """Whether `peer`'s queue is full (or the forwarder closed): traces for it would be refused."""
         return self._refusing(peer)
-
-    def send_traces(self, peer: str, traces: Sequence[Sequence[SpanBatch]], hops: int) -> bool:
-        """Queue whole buffered traces handed over to `peer` (each its list of batches); False when its
-        queue has no room for them."""
-        spans = sum(_span_count(trace) for trace in traces)
-        if not spans:
-            return True
-        if self._refusing(peer):
-            return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, _Entry(TRACES, (encode_traces(traces, hops),), spans, 0, 0.0))
 
     def send_decisions(self, peer: str, decisions: Sequence[ForwardedDecision]) -> bool:
         """Queue decisions for `peer`; False when its queue has no room for them."""
@@ -587,9 +661,10 @@ class Forwarder:
         """The counters of `peer` (kept after it is forgotten, as metrics counters are)."""
         return self.stats.setdefault(peer, PeerStats())
 
-    def take_undelivered(self, peer: str) -> list[tuple[list[SpanBatch], int]]:
-        """Remove the spans queued or in flight for `peer` and return them decoded, as (batches, hops) per
-        message in queue order, for the caller to route to their new owner; decisions stay queued.
+    def take_undelivered(self, peer: str, intern: InternScope = Scope) -> list[TracesMessage]:
+        """Remove the traces queued or in flight for `peer` and return them decoded (their scopes made by
+        `intern`), a message each in queue order, for the caller to route to their new owner; decisions
+        stay queued.
 
         A request in flight is abandoned: the peer may have taken it already, so its spans can arrive
         twice (at least once, never lost).
@@ -601,16 +676,14 @@ class Forwarder:
         state.paused = False
         entries = list(state.queue)
         state.queue.clear()
-        undelivered: list[tuple[list[SpanBatch], int]] = []
+        undelivered: list[TracesMessage] = []
         for entry in entries:
             if entry.kind == DECISIONS:
                 state.queue.append(entry)
                 continue
-            message = decode_message(msgpack.unpackb(entry.body, use_list=True, raw=False))
-            if isinstance(message, SpansMessage):
-                undelivered.append((message.batches, message.hops))
-            elif isinstance(message, TracesMessage):
-                undelivered.append(([batch for trace in message.traces for batch in trace], message.hops))
+            message = decode_message(msgpack.unpackb(entry.body, use_list=True, raw=False), intern)
+            assert isinstance(message, TracesMessage)
+            undelivered.append(message)
         state.bytes = state.unsent_bytes = sum(entry.size for entry in state.queue)
         if state.queue:
             self._start_sender(state)

@@ -19,15 +19,13 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-from sampler.buffer import DecisionCache, ForeignOwner, Kept, SpanBatch, Trace, TraceBuffer
+from sampler.buffer import DecisionCache, ForeignOwner, Kept, Trace, TraceBuffer
 from sampler.cluster.forward import ForwardedDecision, Forwarder, PeerServer
 from sampler.cluster.membership import Membership, RedisMembership, StaticMembership
 from sampler.cluster.ring import Ring
 from sampler.config import ForwardConfig
-from sampler.errors import DecodeError, PeerOverloaded
+from sampler.errors import PeerOverloaded
 from sampler.metrics import Metrics
-from sampler.otlp_wire import Scope, SpanGroup, encode_request
-from sampler.receivers.otlp_decode import decode_protobuf
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +47,10 @@ SETTLE_TIMEOUT = 1.0
 # queue is full.
 ROOM_WAIT = 1.0
 
-# Takes spans from peers (and spans to route again): the local ingest, which buffers those of this member's
-# traces and forwards the others (given how often they were forwarded already). Raises PeerOverloaded when
-# it cannot take them now.
-Accept = Callable[[list[SpanBatch], int], int]
+# Takes traces from peers (and traces to route again): the local ingest, which merges those this member
+# owns into its buffer and forwards the others (given how often they were forwarded already). Raises
+# PeerOverloaded when it cannot take them now.
+Accept = Callable[[list[Trace], int], int]
 
 
 class ClusterNode:
@@ -78,9 +76,9 @@ class ClusterNode:
         self.forwarder = Forwarder(forward)
         self.server = PeerServer(
             endpoint,
-            self._on_spans,
+            self._on_traces,
             self._on_decisions,
-            on_traces=self._on_traces,
+            intern_scope=buffer.intern_scope,
             unix_path=unix_path,
         )
         # Set by the gateway: its ingest for spans from peers.
@@ -178,15 +176,10 @@ class ClusterNode:
         if hops >= (LEFT if self.leaving else MAX_HOPS) or (len(ring) == 1 and me in ring):
             return None
         owner_of = ring.owner
-        owners: dict[bytes, str | None] = {}
 
         def foreign_owner(trace_id: bytes) -> str | None:
-            try:
-                return owners[trace_id]
-            except KeyError:
-                owner = owner_of(trace_id)
-                found = owners[trace_id] = None if owner == me else owner
-                return found
+            owner = owner_of(trace_id)
+            return None if owner == me else owner
 
         return foreign_owner
 
@@ -204,24 +197,21 @@ class ClusterNode:
             if peer != self.member_id and self.forwarder.full(peer):
                 raise PeerOverloaded(f"the queue of spans for cluster member {peer} is full; retry later")
 
-    def forward(self, foreign: dict[str, list[SpanBatch]], hops: int) -> None:
-        """Queue spans for their owners. Room was checked for the request as a whole; one request may
-        take a queue over its bound rather than lose what it already had accepted."""
+    def forward(self, foreign: dict[str, list[Trace]], hops: int) -> None:
+        """Queue traces summarized here for their owners. Room was checked for a client's request as a
+        whole; one request may take a queue over its bound rather than lose what it already had
+        accepted."""
         sent_hops = LEFT if self.leaving else hops + 1
-        for owner, batches in foreign.items():
-            spans = sum(len(batch.payloads) for batch in batches)
-            if self.forwarder.send_spans(owner, batches, sent_hops, force=True):
+        for owner, traces in foreign.items():
+            spans = sum(trace.span_count for trace in traces)
+            if self.forwarder.send_traces(owner, traces, sent_hops, force=True):
                 self._forwarded.labels(owner).inc(spans)
             else:  # the forwarder is closed: shutting down
                 self._refused.inc(spans)
-                self.accept(batches, MAX_HOPS)
+                self.accept(traces, MAX_HOPS)
 
-    def _on_spans(self, batches: list[SpanBatch], hops: int) -> None:
-        self.accept(batches, hops)
-
-    def _on_traces(self, traces: list[list[SpanBatch]], hops: int) -> None:
-        for batches in traces:
-            self._on_spans(batches, hops)
+    def _on_traces(self, traces: list[Trace], hops: int) -> None:
+        self.accept(traces, hops)
 
     def _on_decisions(self, decisions: list[ForwardedDecision]) -> None:
         record = self.decisions.record
@@ -258,11 +248,11 @@ class ClusterNode:
             # What was queued for a member that left goes to the new owners (or stays here); what it was
             # sent and took before it left is not sent again.
             await self.forwarder.settle(peer, SETTLE_TIMEOUT)
-            for batches, hops in self.forwarder.take_undelivered(peer):
+            for message in self.forwarder.take_undelivered(peer, self.buffer.intern_scope):
                 try:
-                    self.accept(batches, hops - 1)
+                    self.accept(message.traces, message.hops - 1)
                 except PeerOverloaded:
-                    self.accept(batches, MAX_HOPS)  # kept here rather than lost
+                    self.accept(message.traces, MAX_HOPS)  # kept here rather than lost
             self.forwarder.forget_peer(peer)
         await self._hand_over(new, old)
 
@@ -272,11 +262,9 @@ class ClusterNode:
         moving = [trace for trace in list(self.buffer.traces.values()) if ring.owner(trace.trace_id) != me]
         for start in range(0, len(moving), _SLICE):
             taken = self.buffer.take(moving[start : start + _SLICE])
-            by_owner: dict[str, list[list[SpanBatch]]] = {}
+            by_owner: dict[str, list[Trace]] = {}
             for trace in taken:
-                batches = trace_batches(trace)
-                if batches:
-                    by_owner.setdefault(ring.owner(trace.trace_id), []).append(batches)
+                by_owner.setdefault(ring.owner(trace.trace_id), []).append(trace)
             for owner, traces in by_owner.items():
                 if self.forwarder.send_traces(owner, traces, LEFT if self.leaving else 1):
                     self._handed_over.labels(owner).inc(len(traces))
@@ -286,8 +274,7 @@ class ClusterNode:
                         len(traces),
                         owner,
                     )
-                    for batches in traces:
-                        self.accept(batches, MAX_HOPS)
+                    self.accept(traces, MAX_HOPS)
             await asyncio.sleep(0)
         await self._hand_over_decisions(ring, old)
 
@@ -324,19 +311,5 @@ class ClusterNode:
         return float(sum(self.forwarder.peer_stats(peer).failures for peer in self._peers()))
 
 
-def trace_batches(trace: Trace) -> list[SpanBatch]:
-    """A buffered trace's spans as the batches a receiver would have decoded."""
-    items = trace.items
-    groups: list[SpanGroup] = []
-    for index in range(0, len(items), 2):
-        scope, run = items[index], items[index + 1]
-        assert isinstance(scope, Scope) and isinstance(run, bytes)
-        groups.append((scope, run, 0))
-    try:
-        return decode_protobuf(encode_request(groups))
-    except DecodeError:
-        return []
-
-
-def _refuse(batches: Sequence[SpanBatch], hops: int) -> int:
+def _refuse(traces: Sequence[Trace], hops: int) -> int:
     raise PeerOverloaded("this member is not ready")

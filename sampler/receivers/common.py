@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from sampler.buffer import IngestResult, SpanBatch, TraceBuffer
+from sampler.buffer import IngestResult, SpanBatch, Trace, TraceBuffer
 from sampler.errors import PeerOverloaded
 from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
@@ -77,31 +77,50 @@ class Ingest:
         # In a cluster (or with workers), where spans of traces other members own are sent on.
         self.cluster = cluster
 
-    def add(self, batches: list[SpanBatch], body: bytes | None = None, hops: int = 0) -> IngestResult:
-        """Buffer the spans of one decoded request; every receiver goes through here. `body` is the request
-        as an encoded ExportTraceServiceRequest when it arrived as one (the write-ahead log takes it as is).
+    def add(self, batches: list[SpanBatch], body: bytes | None = None) -> IngestResult:
+        """Buffer the spans of one decoded request from a client; every receiver goes through here. `body`
+        is the request as an encoded ExportTraceServiceRequest when it arrived as one (the write-ahead log
+        takes it as is).
 
-        In a cluster, spans of traces other members own are forwarded to them (`hops`: how often these
-        spans were forwarded already). Unavailable when the write-ahead log cannot take the request, or
-        the queue for another member is full (a client's request, hops 0): then nothing of it is buffered.
+        In a cluster, spans of traces other members own are summarized and forwarded to them.
+        Unavailable when the write-ahead log cannot take the request, or the queue for another member is
+        full: then nothing of it is buffered.
         """
         cluster = self.cluster
-        foreign_owner = None if cluster is None else cluster.router(hops)
-        # Spans from peers are queued on whatever the queues hold: refusing them would make members
-        # that forward to each other wait on each other.
-        if foreign_owner is not None and hops == 0:
+        foreign_owner = None if cluster is None else cluster.router(0)
+        if foreign_owner is not None:
             assert cluster is not None
             try:
                 cluster.check_room()
             except PeerOverloaded as error:
                 self.refuse("cluster_unavailable")
                 raise Unavailable(str(error), error.retry_after) from None
-        seq = -1
         groups = None  # the request's spans as span groups, built once for the log and the capture
+        if self.wal is not None and body is None:
+            groups = span_groups(batches)
+            body = encode_request(groups)
+        seq = self._write_ahead(body)
+        if self.capture is not None:
+            # Once the request is taken, and only at the member that received it (not from peers).
+            _tee(self.capture, span_groups(batches) if groups is None else groups)
+        return self._counted(self.buffer.add_spans(batches, foreign_owner), seq, 0)
+
+    def add_traces(self, traces: list[Trace], hops: int) -> IngestResult:
+        """Buffer traces another member summarized and forwarded (`hops`: how often they were forwarded
+        already); those the ring here gives to another member are forwarded on. Spans from peers are
+        queued on whatever the queues hold: refusing them would make members that forward to each other
+        wait on each other. Unavailable when the write-ahead log cannot take them."""
+        cluster = self.cluster
+        body = encode_request(trace_groups(traces)) if self.wal is not None else None
+        seq = self._write_ahead(body)
+        foreign_owner = None if cluster is None else cluster.router(hops)
+        return self._counted(self.buffer.add_traces(traces, foreign_owner), seq, hops)
+
+    def _write_ahead(self, body: bytes | None) -> int:
+        """Log a request about to be buffered (with the write-ahead log, `body` is given): its number."""
+        seq = -1
         if self.wal is not None:
-            if body is None:
-                groups = span_groups(batches)
-                body = encode_request(groups)
+            assert body is not None
             try:
                 seq = self.wal.append_request(body)
             except WALError as error:
@@ -109,13 +128,13 @@ class Ingest:
                 raise Unavailable(str(error), WAL_RETRY_AFTER) from None
             self.buffer.seq = seq
         self._requests.inc()
-        if self.capture is not None:
-            # Once the request is taken, and only at the member that received it (not from peers).
-            _tee(self.capture, span_groups(batches) if groups is None else groups)
-        result = self.buffer.add_spans(batches, foreign_owner)
+        return seq
+
+    def _counted(self, result: IngestResult, seq: int, hops: int) -> IngestResult:
+        """Forward what the buffer left for other members, and count what became of the spans."""
         if result.foreign:
-            assert cluster is not None
-            cluster.forward(result.foreign, hops)
+            assert self.cluster is not None
+            self.cluster.forward(result.foreign, hops)
         result.seq = seq
         self.pressure.update()
         if result.accepted:
@@ -159,6 +178,11 @@ def span_groups(batches: list[SpanBatch]) -> list[SpanGroup]:
         for batch in batches
         if batch.payloads
     ]
+
+
+def trace_groups(traces: list[Trace]) -> list[SpanGroup]:
+    """Traces' spans as span groups (one per run)."""
+    return [(scope, run, 0) for trace in traces for scope, run in trace.runs()]
 
 
 def _tee(capture: Exporter, groups: list[SpanGroup]) -> None:

@@ -23,8 +23,8 @@ from sampler.cluster.forward import Forwarder
 from sampler.cluster.node import LEFT, MAX_HOPS, ROOM_WAIT
 from sampler.cluster.ring import Ring
 from sampler.config import ForwardConfig, parse_config
-from sampler.receivers.otlp_decode import decode_protobuf
 from tests.cluster.redis_server import RedisServer
+from tests.cluster.summarized import summarize
 from tests.conftest import Downstream, free_port, gateway_config, metric, receiver_url, wait_for
 from tests.otlp_data import send
 from tests.test_cli import wait_ready
@@ -247,7 +247,7 @@ async def test_spans_a_peer_sends_to_a_member_that_does_not_own_them_are_routed_
     body = request_of([span for spans in traces for span in spans]).SerializeToString()
     forwarder = Forwarder(ForwardConfig())
     try:
-        assert forwarder.send_spans(member.member_id, decode_protobuf(body), hops)
+        assert forwarder.send_traces(member.member_id, summarize(body), hops)
         assert await forwarder.flush(10)
     finally:
         await forwarder.close()
@@ -283,7 +283,7 @@ async def test_a_leaving_member_routes_everything_on_and_its_peers_keep_it(clust
     assert node.router(LEFT) is None  # from another leaving member: kept here
     traces = make_traces(random.Random(9), 20)
     body = request_of([span for spans in traces for span in spans]).SerializeToString()
-    node.forward({other.member_id: decode_protobuf(body)}, hops=0)
+    node.forward({other.member_id: summarize(body)}, hops=0)
     await wait_for(lambda: other.server.stats.spans == len(traces) * SPANS_PER_TRACE)
     # Kept there although its ring still gives about half of these traces to the leaving member.
     await wait_for(lambda: decided(gateways[1:]) == len(traces), timeout=15)
@@ -331,7 +331,7 @@ async def test_clients_wait_for_a_backlogged_member_and_get_503_once_its_queue_i
     peer = Forwarder(ForwardConfig())
     try:
         queued = node.forwarder.pending(down).spans
-        assert peer.send_spans(node.member_id, decode_protobuf(bodies[-1]), 1)
+        assert peer.send_traces(node.member_id, summarize(bodies[-1]), 1)
         assert await peer.flush(10)
     finally:
         await peer.close()

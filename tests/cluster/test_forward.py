@@ -13,25 +13,31 @@ import msgpack
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from sampler.buffer import SpanBatch
+from sampler.buffer import DecisionCache, Trace, TraceBuffer
 from sampler.cluster.forward import (
     ACCEPTED_HEADER,
     CONTENT_TYPE,
     FORMAT_VERSION,
     FORWARD_PATH,
+    TRACE_RECORD,
+    TRACES,
     Backoff,
     ForwardedDecision,
     Forwarder,
     PeerOverloaded,
     PeerServer,
+    TracesMessage,
+    decode_body,
+    decode_message,
     encode_body,
     encode_decisions,
-    encode_spans,
+    encode_traces,
 )
-from sampler.config import ForwardConfig
+from sampler.config import ForwardConfig, TailSamplingConfig
+from sampler.otlp_wire import Scope
 from sampler.receivers.otlp_decode import decode_json, decode_protobuf
+from tests.cluster.summarized import summarize
 from tests.conftest import free_port, wait_for
 from tests.otlp_data import make_request
 
@@ -44,40 +50,23 @@ DECISIONS = [
     ForwardedDecision(bytes([4]) * 16, True, "errors", 1.0),
 ]
 
-Fields = tuple[bytes, bytes, bytes, int, int, int]
+TraceView = tuple[tuple[bytes, int, int, int, int, int, bool], list[tuple[bytes, bytes, bytes]], int]
 
 
-def span_fields(span: Any) -> Fields:
-    return (
-        span.trace_id,
-        span.span_id,
-        span.parent_span_id,
-        span.start_time_unix_nano,
-        span.end_time_unix_nano,
-        span.status.code,
-    )
+def trace_view(trace: Trace) -> TraceView:
+    """Everything a forwarded trace holds: its summary, its runs with their scopes' bytes, its size."""
+    runs = [(scope.resource, scope.scope, run) for scope, run in trace.runs()]
+    return trace.summary(), runs, trace.nbytes
 
 
-def batch_view(batch: SpanBatch) -> tuple[bytes, bytes, bytes, list[bytes], list[Fields]]:
-    """Everything a SpanBatch holds, comparable whatever the type of its spans."""
-    return (
-        batch.resource,
-        batch.scope,
-        batch.resource_payload,
-        list(batch.payloads),
-        [span_fields(span) for span in batch.spans],
-    )
-
-
-def views(batches: list[SpanBatch]) -> list[tuple[bytes, bytes, bytes, list[bytes], list[Fields]]]:
-    return [batch_view(batch) for batch in batches]
+def views(traces: list[Trace]) -> list[TraceView]:
+    return [trace_view(trace) for trace in traces]
 
 
 def varied_request() -> ExportTraceServiceRequest:
     """Two resources (one with a schema url), three scopes; roots, children, an all-zero parent id,
-    every status code and two outside the enum, attributes, events and a large span."""
+    every status code and two outside the enum, attributes, events and a large span; two traces."""
     request = ExportTraceServiceRequest()
-    trace_id = bytes(range(1, 17))
     codes = [0, 1, 2, 5, -3]
     for service, schema_url in (("checkout", ""), ("payment", "https://opentelemetry.io/schemas/1.21.0")):
         resource_spans = request.resource_spans.add(schema_url=schema_url)
@@ -90,14 +79,14 @@ def varied_request() -> ExportTraceServiceRequest:
             scope_spans.scope.version = "1.0"
             for index, code in enumerate(codes):
                 span = scope_spans.spans.add(
-                    trace_id=trace_id,
+                    trace_id=bytes(range(1 + index % 2, 17 + index % 2)),
                     span_id=bytes([index + 1, len(request.resource_spans), 0, 0, 0, 0, 0, 9]),
                     name=f"{library} op {index}",
                     start_time_unix_nano=1_700_000_000_000_000_000 + index,
                     end_time_unix_nano=(1 << 64) - 1 - index,
                 )
                 if index == 1:
-                    span.parent_span_id = bytes(8)  # present, all zero: a root by the spec, kept as sent
+                    span.parent_span_id = bytes(8)  # present, all zero: a root by the spec
                 elif index > 1:
                     span.parent_span_id = bytes([1, 1, 0, 0, 0, 0, 0, 9])
                 span.status.code = code
@@ -106,49 +95,55 @@ def varied_request() -> ExportTraceServiceRequest:
                 )
                 span.events.add(name="retry", time_unix_nano=5)
     big = (
-        request.resource_spans[0].scope_spans[0].spans.add(trace_id=trace_id, span_id=b"\x07" * 8, name="big")
+        request.resource_spans[0]
+        .scope_spans[0]
+        .spans.add(trace_id=bytes(range(1, 17)), span_id=b"\x07" * 8, name="big")
     )
     big.attributes.append(KeyValue(key="payload", value=AnyValue(string_value="y" * 40_000)))
     return request
 
 
-def sample_batches() -> list[SpanBatch]:
-    """Real OTLP data as receivers decode it: protobuf, the OTLP JSON example, and a batch with ids of
-    unusual lengths (the buffer rejects those spans, but the transport carries them as they are)."""
-    batches = decode_protobuf(varied_request().SerializeToString())
-    batches += decode_json(TESTDATA.read_bytes())
-    odd = Span(trace_id=b"\x01\x02\x03\x04", span_id=b"\x05" * 8, parent_span_id=b"\x06" * 3, name="odd")
-    odd_body = ExportTraceServiceRequest()
-    odd_body.resource_spans.add().scope_spans.add().spans.append(odd)
-    batches += decode_protobuf(odd_body.SerializeToString())
-    return batches
+def sample_traces() -> list[Trace]:
+    """Real OTLP data summarized for forwarding: protobuf and the OTLP JSON example."""
+    return summarize(decode_protobuf(varied_request().SerializeToString())) + summarize(
+        decode_json(TESTDATA.read_bytes())
+    )
+
+
+def scopes_of(traces: list[Trace]) -> list[Scope]:
+    return [scope for trace in traces for scope, _ in trace.runs()]
+
+
+def small_traces() -> list[Trace]:
+    """One trace of 2 spans (random ids), summarized for forwarding."""
+    traces = summarize(decode_protobuf(make_request(traces=1, spans_per_trace=2).SerializeToString()))
+    assert len(traces) == 1
+    return traces
 
 
 class Peer:
-    """A PeerServer on loopback recording what its handlers got, in order."""
+    """A PeerServer on loopback recording what its handlers got, in order; scopes are interned (and
+    checked) by a trace buffer, as a member's are."""
 
-    def __init__(self, port: int = 0, unix_path: str | None = None, traces_handler: bool = True) -> None:
-        self.spans: list[tuple[list[SpanBatch], int]] = []
-        self.traces: list[tuple[list[list[SpanBatch]], int]] = []
+    def __init__(self, port: int = 0, unix_path: str | None = None) -> None:
+        self.received: list[tuple[list[Trace], int]] = []
         self.decisions: list[ForwardedDecision] = []
-        # Raised by the next spans handler calls, one each, before it records anything.
+        # Raised by the next traces handler calls, one each, before it records anything.
         self.failures: list[Exception] = []
+        self.buffer = TraceBuffer(TailSamplingConfig(), frozenset(), DecisionCache(0, 0), lambda: 0.0)
         self.server = PeerServer(
             f"127.0.0.1:{port}",
-            self.on_spans,
+            self.on_traces,
             self.decisions.extend,
-            on_traces=self.on_traces if traces_handler else None,
+            intern_scope=self.buffer.intern_scope,
             unix_path=unix_path,
             max_request_bytes=256 * 1024,
         )
 
-    def on_spans(self, batches: list[SpanBatch], hops: int) -> None:
+    def on_traces(self, traces: list[Trace], hops: int) -> None:
         if self.failures:
             raise self.failures.pop(0)
-        self.spans.append((batches, hops))
-
-    def on_traces(self, traces: list[list[SpanBatch]], hops: int) -> None:
-        self.traces.append((traces, hops))
+        self.received.append((traces, hops))
 
     @property
     def address(self) -> str:
@@ -161,10 +156,10 @@ class Peer:
         return f"http://127.0.0.1:{self.server.port}{FORWARD_PATH}"
 
     def span_count(self) -> int:
-        return sum(len(batch.payloads) for batches, _ in self.spans for batch in batches)
+        return sum(trace.span_count for traces, _ in self.received for trace in traces)
 
     def hops(self) -> list[int]:
-        return [hops for _, hops in self.spans]
+        return [hops for _, hops in self.received]
 
 
 @pytest.fixture
@@ -194,13 +189,6 @@ async def make_forwarder() -> AsyncIterator[ForwarderFactory]:
         await forwarder.close()
 
 
-def small_batches() -> list[SpanBatch]:
-    """One batch of 2 spans of a new trace (random ids)."""
-    batches = decode_protobuf(make_request(traces=1, spans_per_trace=2).SerializeToString())
-    assert len(batches) == 1
-    return batches
-
-
 async def post(url: str, body: bytes, content_type: str = CONTENT_TYPE) -> tuple[int, str]:
     async with (
         aiohttp.ClientSession() as session,
@@ -213,69 +201,71 @@ async def post(url: str, body: bytes, content_type: str = CONTENT_TYPE) -> tuple
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
-async def test_every_span_batch_field_arrives_as_sent(
+async def test_every_trace_field_and_span_arrives_as_sent(
     transport: str, tmp_path: Path, make_forwarder: ForwarderFactory
 ) -> None:
     receiver = Peer(unix_path=str(tmp_path / "peer.sock") if transport == "unix" else None)
     await receiver.server.start()
     try:
         forwarder = make_forwarder()
-        batches = sample_batches()
-        assert forwarder.send_spans(receiver.address, batches, hops=2)
+        traces = sample_traces()
+        assert forwarder.send_traces(receiver.address, traces, hops=2)
         assert await forwarder.flush(5.0)
-        assert len(receiver.spans) == 1
-        received, hops = receiver.spans[0]
+        assert len(receiver.received) == 1
+        received, hops = receiver.received[0]
         assert hops == 2
-        assert views(received) == views(batches)
-        # Plain fields, not the sender's parsed messages: absent and all-zero parents stay distinct.
-        parents = {span.parent_span_id for batch in received for span in batch.spans}
-        assert {b"", bytes(8), b"\x06" * 3} <= parents
+        assert views(received) == views(traces)
+        # The summaries as the sender made them: roots (absent or all-zero parent), codes, times.
+        first, second = bytes(range(1, 17)), bytes(range(2, 18))
+        by_id = {trace.trace_id: trace for trace in received}
+        assert by_id[first].root_seen and by_id[second].root_seen
+        assert by_id[first].max_end_ns == (1 << 64) - 1
+        # Codes 0 (unset), 2 and -3 (masked), then 1 and 5.
+        assert by_id[first].status_codes == 1 | 1 << 2 | 1 << (-3 & 31)
+        assert by_id[second].status_codes == 1 << 1 | 1 << 5
+        # The scopes are the receiving buffer's interned ones, shared by every trace of the request.
+        scopes = {id(scope) for trace in received for scope, _ in trace.runs()}
+        assert len(scopes) == len({(scope.resource, scope.scope) for scope in scopes_of(traces)})
         stats = forwarder.peer_stats(receiver.address)
-        sent_spans = sum(len(batch.payloads) for batch in batches)
+        sent_spans = sum(trace.span_count for trace in traces)
         assert (stats.spans, stats.requests, stats.failures) == (sent_spans, 1, 0)
-        assert stats.bytes > sum(len(payload) for batch in batches for payload in batch.payloads)
+        assert stats.bytes > sum(trace.nbytes for trace in traces)
         assert receiver.server.stats.spans == sent_spans
         assert forwarder.pending(receiver.address).messages == 0
     finally:
         await receiver.server.stop()
 
 
-async def test_decisions_and_handed_over_traces_round_trip(
-    peer: Peer, make_forwarder: ForwarderFactory
-) -> None:
+async def test_decisions_and_traces_round_trip(peer: Peer, make_forwarder: ForwarderFactory) -> None:
     forwarder = make_forwarder()
-    first, second = sample_batches()[:2], sample_batches()[2:]
+    first, second = small_traces(), sample_traces()
     assert forwarder.send_decisions(peer.address, DECISIONS)
-    assert forwarder.send_traces(peer.address, [first, second], hops=1)
+    assert forwarder.send_traces(peer.address, first, hops=1)
+    assert forwarder.send_traces(peer.address, second, hops=0)
     assert await forwarder.flush(5.0)
     # Decisions are grouped by outcome on the wire: which ones arrive is kept, not their order.
     assert sorted(peer.decisions) == sorted(DECISIONS)
-    assert len(peer.traces) == 1
-    traces, hops = peer.traces[0]
-    assert hops == 1
-    assert [views(trace) for trace in traces] == [views(first), views(second)]
+    assert [(views(traces), hops) for traces, hops in peer.received] == [
+        (views(first), 1),
+        (views(second), 0),
+    ]
     assert forwarder.peer_stats(peer.address).decisions == len(DECISIONS)
 
 
-async def test_traces_go_to_on_spans_without_a_traces_handler(make_forwarder: ForwarderFactory) -> None:
-    receiver = Peer(traces_handler=False)
-    await receiver.server.start()
-    try:
-        forwarder = make_forwarder()
-        first, second = sample_batches()[:2], sample_batches()[2:]
-        assert forwarder.send_traces(receiver.address, [first, second], hops=3)
-        assert await forwarder.flush(5.0)
-        assert [(views(batches), hops) for batches, hops in receiver.spans] == [(views(first + second), 3)]
-    finally:
-        await receiver.server.stop()
-
-
-def test_spans_travel_as_an_encoded_request_and_decisions_need_whole_ids() -> None:
-    batches = decode_protobuf(make_request(2, 3).SerializeToString())
-    message = msgpack.unpackb(encode_spans(batches, hops=0))
-    assert message[:2] == [1, 0]
-    assert isinstance(message[2], bytes)
-    assert views(decode_protobuf(message[2])) == views(batches)
+def test_traces_travel_as_a_header_and_their_runs_and_decisions_need_whole_ids() -> None:
+    traces = summarize(make_request(2, 3).SerializeToString())
+    message = msgpack.unpackb(encode_traces(traces, hops=0))
+    assert message[:2] == [TRACES, 0]
+    scopes, records, run_scopes, run_lengths = msgpack.unpackb(message[2])
+    assert len(scopes) == 1 and run_scopes == [0, 0]
+    assert [record[0] for record in TRACE_RECORD.iter_unpack(records)] == [t.trace_id for t in traces]
+    assert message[3] == b"".join(run for trace in traces for _, run in trace.runs())
+    assert run_lengths == [len(run) for trace in traces for _, run in trace.runs()]
+    # A message msgpack wrote (not the sender's shape) decodes the same.
+    decoded = decode_message(message)
+    assert isinstance(decoded, TracesMessage) and views(decoded.traces) == views(traces)
+    (fast,) = decode_body(encode_body([encode_traces(traces, hops=0)]))
+    assert isinstance(fast, TracesMessage) and views(fast.traces) == views(traces)
     with pytest.raises(ValueError, match="16 bytes"):
         encode_decisions([ForwardedDecision(b"short", True, "p", 1.0)])
 
@@ -288,15 +278,17 @@ async def test_a_batch_is_sent_once_it_reaches_max_batch_bytes(
 ) -> None:
     # The delay would hold messages for a minute: only the size limit can send them.
     forwarder = make_forwarder(max_batch_bytes=2000, max_delay=60.0)
-    message_bytes = len(encode_spans(small_batches(), 0))
+    message_bytes = len(encode_traces(small_traces(), 0))
     count = 4 * 2000 // message_bytes
     for number in range(count):
-        assert forwarder.send_spans(peer.address, small_batches(), hops=number)
+        assert forwarder.send_traces(peer.address, small_traces(), hops=number)
     # Everything but the last, partial batch goes out by size.
-    await wait_for(lambda: len(peer.spans) >= count - 2000 // message_bytes, timeout=5.0)
+    await wait_for(lambda: len(peer.received) >= count - 2000 // message_bytes, timeout=5.0)
     assert peer.server.stats.requests >= 3
-    assert peer.hops() == list(range(len(peer.spans)))
-    await wait_for(lambda: forwarder.pending(peer.address).messages == count - len(peer.spans), timeout=5.0)
+    assert peer.hops() == list(range(len(peer.received)))
+    await wait_for(
+        lambda: forwarder.pending(peer.address).messages == count - len(peer.received), timeout=5.0
+    )
 
 
 async def test_a_batch_is_sent_max_delay_after_its_first_message(
@@ -306,9 +298,9 @@ async def test_a_batch_is_sent_max_delay_after_its_first_message(
     loop = asyncio.get_running_loop()
     started = loop.time()
     for number in range(3):
-        assert forwarder.send_spans(peer.address, small_batches(), hops=number)
+        assert forwarder.send_traces(peer.address, small_traces(), hops=number)
     assert forwarder.pending(peer.address).spans == 6
-    await wait_for(lambda: len(peer.spans) == 3, timeout=5.0)
+    await wait_for(lambda: len(peer.received) == 3, timeout=5.0)
     assert loop.time() - started >= 0.3 - 0.02  # not before the delay (timer granularity aside)
     assert peer.server.stats.requests == 1
     assert peer.hops() == [0, 1, 2]
@@ -317,7 +309,7 @@ async def test_a_batch_is_sent_max_delay_after_its_first_message(
 async def test_order_is_kept_across_many_requests(peer: Peer, make_forwarder: ForwarderFactory) -> None:
     forwarder = make_forwarder(max_batch_bytes=3000, max_delay=0.001)
     for number in range(300):
-        assert forwarder.send_spans(peer.address, small_batches(), hops=number)
+        assert forwarder.send_traces(peer.address, small_traces(), hops=number)
         if number % 50 == 0:
             await asyncio.sleep(0)  # let requests go out while more are queued
     assert await forwarder.flush(10.0)
@@ -335,7 +327,7 @@ async def test_several_requests_in_flight_deliver_everything_exactly_once(
     forwarder = make_forwarder(max_in_flight=4, max_batch_bytes=300)
     address = f"127.0.0.1:{port}"
     for hops in range(40):
-        assert forwarder.send_spans(address, small_batches(), hops=hops)
+        assert forwarder.send_traces(address, small_traces(), hops=hops)
     await asyncio.sleep(0.1)  # the peer is down: every sender fails and retries
     receiver = Peer(port=port)
     await receiver.server.start()
@@ -352,7 +344,7 @@ async def test_a_peer_down_then_up_gets_everything_once_in_order(make_forwarder:
     address = f"127.0.0.1:{port}"
     forwarder = make_forwarder(max_batch_bytes=1500)
     for number in range(10):
-        assert forwarder.send_spans(address, small_batches(), hops=number)
+        assert forwarder.send_traces(address, small_traces(), hops=number)
     stats = forwarder.peer_stats(address)
     await wait_for(lambda: stats.failures >= 2, timeout=5.0)
     assert forwarder.pending(address).spans == 20
@@ -362,32 +354,30 @@ async def test_a_peer_down_then_up_gets_everything_once_in_order(make_forwarder:
         await wait_for(lambda: receiver.span_count() == 20, timeout=5.0)
         assert await forwarder.flush(5.0)
         assert receiver.hops() == list(range(10))
-        span_ids = [
-            span.span_id for batches, _ in receiver.spans for batch in batches for span in batch.spans
-        ]
-        assert len(span_ids) == len(set(span_ids)) == 20
+        trace_ids = [trace.trace_id for traces, _ in receiver.received for trace in traces]
+        assert len(trace_ids) == len(set(trace_ids)) == 10
         assert stats.retries >= 2 and stats.spans == 20
         assert forwarder.pending(address).messages == 0
     finally:
         await receiver.server.stop()
 
 
-async def test_take_undelivered_returns_all_spans_of_a_peer_that_never_came_up(
+async def test_take_undelivered_returns_all_traces_of_a_peer_that_never_came_up(
     make_forwarder: ForwarderFactory,
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
     forwarder = make_forwarder(max_batch_bytes=1500)
-    sent = [small_batches() for _ in range(6)]
-    for number, batches in enumerate(sent[:5]):
-        assert forwarder.send_spans(address, batches, hops=number)
+    sent = [small_traces() for _ in range(6)]
+    for number, traces in enumerate(sent[:5]):
+        assert forwarder.send_traces(address, traces, hops=number)
     assert forwarder.send_decisions(address, DECISIONS)
-    assert forwarder.send_traces(address, [sent[5], sample_batches()], hops=9)
+    assert forwarder.send_traces(address, sent[5] + sample_traces(), hops=9)
     stats = forwarder.peer_stats(address)
     await wait_for(lambda: stats.failures >= 1 and forwarder.pending(address).in_flight, timeout=5.0)
     undelivered = forwarder.take_undelivered(address)
-    expected = [(views(batches), number) for number, batches in enumerate(sent[:5])]
-    expected.append((views(sent[5] + sample_batches()), 9))
-    assert [(views(batches), hops) for batches, hops in undelivered] == expected
+    expected = [(views(traces), number) for number, traces in enumerate(sent[:5])]
+    expected.append((views(sent[5] + sample_traces()), 9))
+    assert [(views(message.traces), message.hops) for message in undelivered] == expected
     # The decisions stay queued for the peer until it is forgotten.
     pending = forwarder.pending(address)
     assert (pending.spans, pending.decisions, pending.messages) == (0, len(DECISIONS), 1)
@@ -398,19 +388,19 @@ async def test_take_undelivered_returns_all_spans_of_a_peer_that_never_came_up(
     receiver = Peer()
     await receiver.server.start()
     try:
-        for batches, hops in undelivered:
-            assert forwarder.send_spans(receiver.address, batches, hops)
+        for message in undelivered:
+            assert forwarder.send_traces(receiver.address, message.traces, message.hops)
         assert await forwarder.flush(5.0)
-        assert [(views(batches), hops) for batches, hops in receiver.spans] == expected
+        assert [(views(traces), hops) for traces, hops in receiver.received] == expected
     finally:
         await receiver.server.stop()
 
 
-async def test_send_spans_is_refused_when_the_peer_queue_is_full(make_forwarder: ForwarderFactory) -> None:
+async def test_send_traces_is_refused_when_the_peer_queue_is_full(make_forwarder: ForwarderFactory) -> None:
     address = f"127.0.0.1:{free_port()}"
-    message_bytes = len(encode_spans(small_batches(), 0))
+    message_bytes = len(encode_traces(small_traces(), 0))
     forwarder = make_forwarder(queue_bytes=5 * message_bytes)
-    results = [forwarder.send_spans(address, small_batches(), hops=number) for number in range(8)]
+    results = [forwarder.send_traces(address, small_traces(), hops=number) for number in range(8)]
     assert results == [True] * 5 + [False] * 3
     assert not forwarder.send_decisions(address, DECISIONS)
     stats = forwarder.peer_stats(address)
@@ -418,7 +408,7 @@ async def test_send_spans_is_refused_when_the_peer_queue_is_full(make_forwarder:
     assert forwarder.pending(address).bytes == 5 * message_bytes
     # Room comes back once the queued spans are taken elsewhere.
     assert len(forwarder.take_undelivered(address)) == 5
-    assert forwarder.send_spans(address, small_batches(), hops=0)
+    assert forwarder.send_traces(address, small_traces(), hops=0)
 
 
 async def test_a_backlogged_queue_is_waited_on_until_the_peer_takes_it(
@@ -426,12 +416,12 @@ async def test_a_backlogged_queue_is_waited_on_until_the_peer_takes_it(
 ) -> None:
     port = free_port()
     address = f"127.0.0.1:{port}"
-    message_bytes = len(encode_spans(small_batches(), 0))
+    message_bytes = len(encode_traces(small_traces(), 0))
     forwarder = make_forwarder(max_batch_bytes=2 * message_bytes)
-    assert forwarder.send_spans(address, small_batches(), hops=0)
+    assert forwarder.send_traces(address, small_traces(), hops=0)
     assert not forwarder.backlogged(address)  # in flight (and failing): no whole batch waits yet
     for number in range(3):
-        assert forwarder.send_spans(address, small_batches(), hops=number)
+        assert forwarder.send_traces(address, small_traces(), hops=number)
     await wait_for(lambda: forwarder.backlogged(address))
     assert not await forwarder.wait_for_room([address], 0.2)
     receiver = Peer(port)
@@ -449,12 +439,12 @@ async def test_flush_waits_for_delivery_and_gives_up_at_its_timeout(
     peer: Peer, make_forwarder: ForwarderFactory
 ) -> None:
     forwarder = make_forwarder(max_delay=60.0)
-    assert forwarder.send_spans(peer.address, small_batches(), hops=0)
+    assert forwarder.send_traces(peer.address, small_traces(), hops=0)
     assert forwarder.send_decisions(peer.address, DECISIONS)
     assert await forwarder.flush(5.0)
     assert peer.span_count() == 2 and len(peer.decisions) == len(DECISIONS)
     down = f"127.0.0.1:{free_port()}"
-    assert forwarder.send_spans(down, small_batches(), hops=0)
+    assert forwarder.send_traces(down, small_traces(), hops=0)
     assert not await forwarder.flush(0.2)
     assert forwarder.pending(down).spans == 2
     assert await forwarder.flush(0.0) is False
@@ -467,7 +457,7 @@ async def test_overloaded_peer_gets_retried_without_duplicates(
     peer.failures.append(PeerOverloaded("buffer full", retry_after=0.1))
     # One request: decisions (accepted), then spans (overloaded): only the spans are sent again.
     assert forwarder.send_decisions(peer.address, DECISIONS)
-    assert forwarder.send_spans(peer.address, small_batches(), hops=4)
+    assert forwarder.send_traces(peer.address, small_traces(), hops=4)
     assert await forwarder.flush(10.0)
     assert len(peer.decisions) == len(DECISIONS)
     assert peer.hops() == [4]
@@ -479,7 +469,7 @@ async def test_overloaded_peer_gets_retried_without_duplicates(
 
 async def test_overloaded_reply_carries_retry_after(peer: Peer) -> None:
     peer.failures.append(PeerOverloaded("buffer full", retry_after=2.5))
-    body = encode_body([encode_decisions(DECISIONS), encode_spans(small_batches(), 0)])
+    body = encode_body([encode_decisions(DECISIONS), encode_traces(small_traces(), 0)])
     async with (
         aiohttp.ClientSession() as session,
         session.post(peer.url, data=body, headers={"Content-Type": CONTENT_TYPE}) as reply,
@@ -495,7 +485,7 @@ async def test_a_failing_handler_gets_500_and_the_request_is_retried(
 ) -> None:
     forwarder = make_forwarder()
     peer.failures.append(RuntimeError("bug"))
-    assert forwarder.send_spans(peer.address, small_batches(), hops=0)
+    assert forwarder.send_traces(peer.address, small_traces(), hops=0)
     assert await forwarder.flush(5.0)
     assert peer.span_count() == 2
     assert peer.server.stats.errors == 1
@@ -506,11 +496,11 @@ async def test_a_request_the_peer_refuses_for_good_is_counted_not_retried(
     peer: Peer, make_forwarder: ForwarderFactory
 ) -> None:
     forwarder = make_forwarder()
-    huge = decode_protobuf(make_request(traces=1000, spans_per_trace=5).SerializeToString())
-    assert len(encode_spans(huge, 0)) > 256 * 1024  # the peer's max_request_bytes
-    assert forwarder.send_spans(peer.address, huge, hops=0)
+    huge = summarize(make_request(traces=1000, spans_per_trace=5).SerializeToString())
+    assert len(encode_traces(huge, 0)) > 256 * 1024  # the peer's max_request_bytes
+    assert forwarder.send_traces(peer.address, huge, hops=0)
     assert await forwarder.flush(5.0)
-    assert forwarder.send_spans(peer.address, small_batches(), hops=1)
+    assert forwarder.send_traces(peer.address, small_traces(), hops=1)
     assert await forwarder.flush(5.0)
     stats = forwarder.peer_stats(peer.address)
     assert (stats.rejected_spans, stats.failures, stats.spans) == (5000, 0, 2)
@@ -520,20 +510,19 @@ async def test_a_request_the_peer_refuses_for_good_is_counted_not_retried(
 async def test_forgotten_peer_and_closed_forwarder_drop_with_counts(make_forwarder: ForwarderFactory) -> None:
     address = f"127.0.0.1:{free_port()}"
     forwarder = make_forwarder()
-    assert forwarder.send_spans(address, small_batches(), hops=0)
+    assert forwarder.send_traces(address, small_traces(), hops=0)
     forwarder.forget_peer(address)
     assert forwarder.peer_stats(address).dropped_spans == 2
-    assert forwarder.send_spans(address, small_batches(), hops=0)
+    assert forwarder.send_traces(address, small_traces(), hops=0)
     await forwarder.close()
     assert forwarder.peer_stats(address).dropped_spans == 4
-    assert not forwarder.send_spans(address, small_batches(), hops=0)
+    assert not forwarder.send_traces(address, small_traces(), hops=0)
     assert forwarder.peer_stats(address).refused_spans == 2
 
 
 # -- bad input on the server -------------------------------------------------------------------------------
 
 
-_ONE_REQUEST = make_request(1, 1).SerializeToString()
 V = FORMAT_VERSION
 
 
@@ -545,7 +534,19 @@ def _body(*items: Any) -> bytes:
 _INVALID_UTF8_POLICY = (
     bytes([FORMAT_VERSION]) + b"\x92\x02\x91\x94\xc3\xa1\xff" + msgpack.packb(1.0) + msgpack.packb(bytes(16))
 )
-_GOOD = encode_body([encode_spans(decode_protobuf(make_request(2, 3).SerializeToString()), 1)])
+_GOOD = encode_body([encode_traces(summarize(make_request(2, 3).SerializeToString()), 1)])
+# The header and runs of a good message of one 1-span trace, and a scope that is valid OTLP.
+_, _, _HEADER, _RUNS = msgpack.unpackb(encode_traces(summarize(make_request(1, 1).SerializeToString()), 0))
+_SCOPES = msgpack.unpackb(_HEADER)[0]
+_ONE_RUN = len(_RUNS)
+
+
+def _record(trace_id: bytes = b"\x01" * 16, spans: int = 1, runs: int = 1) -> bytes:
+    return TRACE_RECORD.pack(trace_id, spans, 0, 0, 0, 0, True, runs)
+
+
+def _traces(scopes: Any, records: Any, run_scopes: Any, run_lengths: Any, runs: bytes = _RUNS) -> bytes:
+    return _body(V, [TRACES, 0, msgpack.packb([scopes, records, run_scopes, run_lengths]), runs])
 
 
 @pytest.mark.parametrize(
@@ -553,16 +554,29 @@ _GOOD = encode_body([encode_spans(decode_protobuf(make_request(2, 3).SerializeTo
     [
         pytest.param(b"\xc1\x00\x01", "malformed msgpack", id="not-msgpack"),
         pytest.param(b"", "empty body", id="empty"),
-        pytest.param(_body(1, [1, 0, []]), "version 1", id="wrong-version"),
+        pytest.param(_body(1, [3, 0, _HEADER, _RUNS]), "version 1", id="wrong-version"),
         pytest.param(_body("1"), "version '1'", id="version-not-int"),
         pytest.param(_body(V, 7), "non-empty array", id="message-not-array"),
         pytest.param(_body(V, [9, 0, []]), "unknown message kind 9", id="unknown-kind"),
-        pytest.param(_body(V, [1, 0]), "unknown message kind 1 with 1 fields", id="spans-arity"),
-        pytest.param(_body(V, [1, -1, _ONE_REQUEST]), "hops", id="negative-hops"),
-        pytest.param(_body(V, [1, 0, []]), "must be binary", id="spans-not-binary"),
-        pytest.param(_body(V, [1, 0, b"\x0a\x05ab"]), "forwarded spans", id="bad-protobuf"),
-        pytest.param(_body(V, [3, 0, {}]), "traces must be an array", id="traces-not-array"),
-        pytest.param(_body(V, [3, 0, [[]]]), "must be binary", id="trace-not-binary"),
+        pytest.param(_body(V, [3, 0]), "unknown message kind 3 with 1 fields", id="traces-arity"),
+        pytest.param(_body(V, [3, -1, _HEADER, _RUNS]), "hops", id="negative-hops"),
+        pytest.param(_body(V, [3, 0, [], _RUNS]), "header (binary)", id="header-not-binary"),
+        pytest.param(_body(V, [3, 0, b"\xc1", _RUNS]), "malformed traces header", id="header-not-msgpack"),
+        pytest.param(_traces([], b"", [0], []), "traces header must be", id="run-arrays-differ"),
+        pytest.param(_traces(_SCOPES, _record(), [0], [-1]), "traces header must be", id="negative-length"),
+        pytest.param(_traces(_SCOPES, _record(), ["0"], [1]), "traces header must be", id="index-not-int"),
+        pytest.param(
+            _traces(_SCOPES, b"\x00" * 5, [0], [_ONE_RUN]), "traces header must be", id="cut-record"
+        ),
+        pytest.param(
+            _traces([[b"\xff", b""]], _record(), [0], [_ONE_RUN]), "not a valid OTLP", id="bad-scope"
+        ),
+        pytest.param(_traces(_SCOPES, _record(), [1], [_ONE_RUN]), "refers to a scope", id="scope-index"),
+        pytest.param(_traces(_SCOPES, _record(), [0], [_ONE_RUN + 1]), "do not add up", id="run-lengths"),
+        pytest.param(_traces(_SCOPES, _record(runs=2), [0], [_ONE_RUN]), "do not match", id="runs-per-trace"),
+        pytest.param(_traces(_SCOPES, _record() * 2, [0], [_ONE_RUN]), "do not match", id="too-many-traces"),
+        pytest.param(_traces(_SCOPES, _record(bytes(16)), [0], [_ONE_RUN]), "trace id", id="zero-trace-id"),
+        pytest.param(_traces(_SCOPES, _record(spans=0), [0], [_ONE_RUN]), "spans", id="no-spans"),
         pytest.param(_body(V, [2, [[True, "p", 1.0, b"short"]]]), "16 bytes each", id="decision-ids"),
         pytest.param(_body(V, [2, [[1, "p", 1.0, bytes(16)]]]), "decision group", id="decision-kept-type"),
         pytest.param(_body(V, [2, [[True, "p"]]]), "decision group", id="decision-arity"),
@@ -570,9 +584,10 @@ _GOOD = encode_body([encode_spans(decode_protobuf(make_request(2, 3).SerializeTo
         pytest.param(bytes([V]) + b"\x91" * 100_000, "malformed msgpack", id="deeply-nested"),
         pytest.param(bytes([V]) + b"\xdd\xff\xff\xff\xff", "exceeds max_array_len", id="huge-array-length"),
         pytest.param(_GOOD[:-7], "truncated", id="truncated"),
-        pytest.param(_GOOD[:3], "truncated", id="truncated-early"),
+        pytest.param(_GOOD[:5], "truncated", id="truncated-early"),
+        pytest.param(_GOOD[:40], "truncated", id="truncated-in-header"),
         pytest.param(_GOOD + b"\xc1", "malformed msgpack", id="trailing-garbage"),
-        pytest.param(_body(V, [1, 0, _ONE_REQUEST], [9]), "unknown message kind", id="good-then-bad"),
+        pytest.param(_body(V, [3, 0, _HEADER, _RUNS], [9]), "unknown message kind", id="good-then-bad"),
     ],
 )
 async def test_malformed_body_gets_400_and_serving_goes_on(peer: Peer, body: bytes, message: str) -> None:
@@ -580,7 +595,7 @@ async def test_malformed_body_gets_400_and_serving_goes_on(peer: Peer, body: byt
     assert status == 400
     assert message in text
     # Nothing of a bad body is handed on, not even a good message before the bad one.
-    assert peer.spans == [] and peer.decisions == []
+    assert peer.received == [] and peer.decisions == []
     status, _ = await post(peer.url, _GOOD)
     assert status == 200
     assert peer.span_count() == 6
@@ -616,10 +631,10 @@ async def test_settle_lets_requests_in_flight_finish_so_nothing_is_taken_back_tw
     """What a member that leaves took is not re-routed: after `settle` only unsent messages come back."""
     forwarder = make_forwarder(max_in_flight=2, max_batch_bytes=300, max_delay=0.001)
     for hops in range(30):
-        assert forwarder.send_spans(peer.address, small_batches(), hops=hops)
+        assert forwarder.send_traces(peer.address, small_traces(), hops=hops)
     await asyncio.sleep(0)  # the senders take their first requests
     await forwarder.settle(peer.address, 5.0)
-    taken_back = [hops for _, hops in forwarder.take_undelivered(peer.address)]
+    taken_back = [message.hops for message in forwarder.take_undelivered(peer.address)]
     delivered = peer.hops()
     assert sorted(delivered + taken_back) == list(range(30))
     assert delivered and taken_back
