@@ -285,13 +285,13 @@ def build_cluster(
     )
 
 
-def _accept_from_peer(ingest: Ingest, traces: list[Trace], hops: int) -> int:
+def _accept_from_peer(ingest: Ingest, traces: list[Trace], hops: int, ring: int) -> int:
     """Buffer traces a peer forwarded; PeerOverloaded (503 to the peer, which retries) when they cannot be
     taken now."""
     if ingest.pressure.overloaded:
         ingest.refuse("overloaded")
         raise PeerOverloaded(OVERLOADED, ingest.pressure.retry_after)
     try:
-        return ingest.add_traces(traces, hops).accepted
+        return ingest.add_traces(traces, hops, ring).accepted
     except Unavailable as unavailable:
         raise PeerOverloaded(unavailable.message, unavailable.retry_after) from None

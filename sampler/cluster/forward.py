@@ -7,12 +7,13 @@ A request body is a msgpack stream: the format version, then one array per messa
     [DECISIONS, [[kept, policy, probability, trace ids joined], ...]]   decisions grouped by outcome
 
 A TRACES message carries traces as the sender summarized them (TraceBuffer.add_spans, or buffered
-traces handed over). `header` is msgpack [scopes, trace records, run scopes, run lengths]: `scopes` lists
-each [ResourceSpans fields, ScopeSpans fields] the runs use, `trace records` packs a TRACE_RECORD per
-trace, and per run of spans (a trace's spans of one scope, in trace order) the two arrays give its
-scope's index and its length. `runs`, the last bin, holds the runs themselves: framed spans as they
-arrived, never re-encoded. The owner merges each trace into its own in one step: neither side reads or
-frames a span again.
+traces handed over). `header` is msgpack [scopes, trace records, run scopes, run lengths, ring]: `scopes`
+lists each [ResourceSpans fields, ScopeSpans fields] the runs use, `trace records` packs a TRACE_RECORD
+per trace, and per run of spans (a trace's spans of one scope, in trace order) the two arrays give its
+scope's index and its length; `ring` is the digest of the members the sender routed by (0: unknown).
+`runs`, the last bin, holds the runs themselves: framed spans as they arrived, never re-encoded. The
+owner merges each trace into its own in one step: neither side reads or frames a span again, and an
+owner whose ring has the sender's digest does not look the traces up again.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class ForwardedDecision(NamedTuple):
 # Makes the Scope of a resource and a scope in wire form (TraceBuffer.intern_scope: the buffer's shared
 # one), None when they are not valid OTLP.
 InternScope = Callable[[bytes, bytes], Scope | None]
-# What a PeerServer hands received messages to: traces with their hop count, decisions.
-TracesHandler = Callable[[list[Trace], int], None]
+# What a PeerServer hands received messages to: traces with their hop count and the sender's ring digest,
+# decisions.
+TracesHandler = Callable[[list[Trace], int, int], None]
 DecisionsHandler = Callable[[list[ForwardedDecision]], None]
 
 
@@ -88,6 +90,7 @@ class TracesMessage:
 
     traces: list[Trace]
     hops: int
+    ring: int = 0  # the digest of the ring the sender routed them by (Ring.digest); 0 when unknown
 
 
 @dataclass(slots=True)
@@ -103,7 +106,7 @@ Message = TracesMessage | DecisionsMessage
 # -- encoding --------------------------------------------------------------------------------------------
 
 
-def traces_message(traces: Iterable[Trace], hops: int) -> tuple[bytes, bytes]:
+def traces_message(traces: Iterable[Trace], hops: int, ring: int = 0) -> tuple[bytes, bytes]:
     """A TRACES message as two parts: the msgpack array with its header, then the runs bin, which is not
     copied into a msgpack buffer. Traces without spans are left out."""
     records: list[bytes] = []
@@ -122,6 +125,7 @@ def traces_message(traces: Iterable[Trace], hops: int) -> tuple[bytes, bytes]:
             b"".join(records),
             run_scopes,
             list(map(len, runs)),
+            ring,
         ],
         use_bin_type=True,
     )
@@ -130,9 +134,9 @@ def traces_message(traces: Iterable[Trace], hops: int) -> tuple[bytes, bytes]:
     return prefix + header + _BIN32.pack(0xC6, len(joined)), joined
 
 
-def encode_traces(traces: Iterable[Trace], hops: int) -> bytes:
+def encode_traces(traces: Iterable[Trace], hops: int, ring: int = 0) -> bytes:
     """A TRACES message in one piece."""
-    return b"".join(traces_message(traces, hops))
+    return b"".join(traces_message(traces, hops, ring))
 
 
 def encode_decisions(decisions: Iterable[ForwardedDecision]) -> bytes:
@@ -215,7 +219,7 @@ def _traces_at(body: bytes, view: memoryview, pos: int, intern: InternScope) -> 
     if stop > len(body):
         raise DecodeError(f"truncated body: a message is cut off after byte {pos} of {len(body)}")
     header = _unpack_header(view[pos + 8 : header_end], intern)
-    return TracesMessage(_traces(header, body, runs_start, stop), body[pos + 2]), stop
+    return TracesMessage(_traces(header, body, runs_start, stop), body[pos + 2], header.ring), stop
 
 
 def _unpack_at(view: memoryview, pos: int) -> tuple[Any, int]:
@@ -250,7 +254,8 @@ def decode_message(item: Any, intern: InternScope = Scope) -> Message:
             header, runs = item[2], item[3]
             if not isinstance(header, bytes) or not isinstance(runs, bytes):
                 raise DecodeError("a traces message must be [3, hops, header (binary), runs (binary)]")
-            return TracesMessage(_traces(_unpack_header(header, intern), runs, 0, len(runs)), _hops(item[1]))
+            unpacked = _unpack_header(header, intern)
+            return TracesMessage(_traces(unpacked, runs, 0, len(runs)), _hops(item[1]), unpacked.ring)
         if kind == DECISIONS and len(item) == 2:
             return DecisionsMessage(_decisions(item[1]))
     raise DecodeError(f"unknown message kind {kind!r} with {len(item) - 1} fields")
@@ -271,7 +276,7 @@ def _unpack_header(data: bytes | memoryview, intern: InternScope) -> _Header:
         raise DecodeError(f"malformed traces header: {type(error).__name__}: {error}") from None
     if (
         not isinstance(header, list)
-        or len(header) != 4
+        or len(header) != 5
         or not isinstance(header[0], list)
         or not isinstance(header[1], bytes)
         or len(header[1]) % TRACE_RECORD.size
@@ -280,10 +285,11 @@ def _unpack_header(data: bytes | memoryview, intern: InternScope) -> _Header:
         or len(header[2]) != len(header[3])
         or _negative(header[2])
         or _negative(header[3])
+        or type(header[4]) is not int
     ):
         raise DecodeError(
             "a traces header must be [scopes, trace records (binary), run scopes, run lengths (arrays of "
-            "non-negative integers of one length)]"
+            "non-negative integers of one length), ring (an integer)]"
         )
     scopes: list[Scope] = []
     for pair in header[0]:
@@ -293,7 +299,7 @@ def _unpack_header(data: bytes | memoryview, intern: InternScope) -> _Header:
         if scope is None:
             raise DecodeError("a scope of a traces message is not a valid OTLP resource and scope")
         scopes.append(scope)
-    return _Header(scopes, header[1], header[2], header[3])
+    return _Header(scopes, header[1], header[2], header[3], header[4])
 
 
 class _Header(NamedTuple):
@@ -301,6 +307,7 @@ class _Header(NamedTuple):
     records: bytes  # a TRACE_RECORD per trace
     run_scopes: list[int]  # per run: its scope's index in `scopes`
     run_lengths: list[int]
+    ring: int
 
 
 def _negative(values: list[Any]) -> bool:
@@ -313,7 +320,7 @@ def _negative(values: list[Any]) -> bool:
 
 def _traces(header: _Header, body: bytes, start: int, stop: int) -> list[Trace]:
     """The traces a TRACES message carries, their runs taken from `body[start:stop]`."""
-    scopes, records, run_scopes, run_lengths = header
+    scopes, records, run_scopes, run_lengths, _ = header
     # Where each run starts (and the last ends), then every trace's alternating scope and run, in order.
     offsets = list(itertools.accumulate(run_lengths, initial=start))
     if offsets[-1] != stop:
@@ -483,7 +490,7 @@ class PeerServer:
 
     def _hand_on(self, message: Message) -> None:
         if isinstance(message, TracesMessage):
-            self.on_traces(message.traces, message.hops)
+            self.on_traces(message.traces, message.hops, message.ring)
             self.stats.spans += _span_count(message.traces)
         else:
             self.on_decisions(message.decisions)
@@ -618,19 +625,22 @@ class Forwarder:
         self._failure_log = LogThrottle()
         self._refusal_log = LogThrottle()
 
-    def send_traces(self, peer: str, traces: Sequence[Trace], hops: int, force: bool = False) -> bool:
+    def send_traces(
+        self, peer: str, traces: Sequence[Trace], hops: int, force: bool = False, *, ring: int = 0
+    ) -> bool:
         """Queue traces for `peer` to merge into its own: summarized here, or buffered here and handed
         over. False, with nothing queued, when its queue has no room for them (or, with `force`, only when
         the forwarder is closed: the queue may then exceed its bound).
 
-        `hops` reaches the peer's handler as given: the caller counts how often spans were forwarded.
+        `hops` reaches the peer's handler as given: the caller counts how often spans were forwarded;
+        `ring` too, the digest of the ring the caller routed them by (Ring.digest).
         """
         spans = _span_count(traces)
         if not spans:
             return True
         if self._closed or (not force and self._refusing(peer)):
             return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, _Entry(TRACES, traces_message(traces, hops), spans, 0, 0.0), force)
+        return self._enqueue(peer, _Entry(TRACES, traces_message(traces, hops, ring), spans, 0, 0.0), force)
 
     def full(self, peer: str) -> bool:
         """Whether `peer`'s queue is full (or the forwarder closed): traces for it would be refused."""

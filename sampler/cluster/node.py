@@ -50,7 +50,7 @@ ROOM_WAIT = 1.0
 # Takes traces from peers (and traces to route again): the local ingest, which merges those this member
 # owns into its buffer and forwards the others (given how often they were forwarded already). Raises
 # PeerOverloaded when it cannot take them now.
-Accept = Callable[[list[Trace], int], int]
+Accept = Callable[[list[Trace], int, int], int]
 
 
 class ClusterNode:
@@ -166,14 +166,19 @@ class ClusterNode:
 
     # -- routing --------------------------------------------------------------------------------------
 
-    def router(self, hops: int) -> ForeignOwner | None:
+    def router(self, hops: int, sender_ring: int = 0) -> ForeignOwner | None:
         """For one request: the owner of each trace id when it is another member (None when it is this
-        one), or no router at all when nothing is to be forwarded (a ring of one, or spans already
-        forwarded MAX_HOPS times, which are buffered where they are). A leaving member is no longer in
-        its own ring: it forwards everything but what another leaving member sent it."""
+        one), or no router at all when nothing is to be forwarded (a ring of one, spans already forwarded
+        MAX_HOPS times, which are buffered where they are, or traces a peer routed here by the ring this
+        member has: `sender_ring` is that ring's digest). A leaving member is no longer in its own ring: it
+        forwards everything but what another leaving member sent it."""
         ring = self.ring
         me = self.member_id
-        if hops >= (LEFT if self.leaving else MAX_HOPS) or (len(ring) == 1 and me in ring):
+        if (
+            hops >= (LEFT if self.leaving else MAX_HOPS)
+            or (len(ring) == 1 and me in ring)
+            or (sender_ring == ring.digest and not self.leaving)
+        ):
             return None
         owner_of = ring.owner
 
@@ -204,14 +209,14 @@ class ClusterNode:
         sent_hops = LEFT if self.leaving else hops + 1
         for owner, traces in foreign.items():
             spans = sum(trace.span_count for trace in traces)
-            if self.forwarder.send_traces(owner, traces, sent_hops, force=True):
+            if self.forwarder.send_traces(owner, traces, sent_hops, force=True, ring=self.ring.digest):
                 self._forwarded.labels(owner).inc(spans)
             else:  # the forwarder is closed: shutting down
                 self._refused.inc(spans)
-                self.accept(traces, MAX_HOPS)
+                self.accept(traces, MAX_HOPS, 0)
 
-    def _on_traces(self, traces: list[Trace], hops: int) -> None:
-        self.accept(traces, hops)
+    def _on_traces(self, traces: list[Trace], hops: int, ring: int) -> None:
+        self.accept(traces, hops, ring)
 
     def _on_decisions(self, decisions: list[ForwardedDecision]) -> None:
         record = self.decisions.record
@@ -250,9 +255,9 @@ class ClusterNode:
             await self.forwarder.settle(peer, SETTLE_TIMEOUT)
             for message in self.forwarder.take_undelivered(peer, self.buffer.intern_scope):
                 try:
-                    self.accept(message.traces, message.hops - 1)
+                    self.accept(message.traces, message.hops - 1, message.ring)
                 except PeerOverloaded:
-                    self.accept(message.traces, MAX_HOPS)  # kept here rather than lost
+                    self.accept(message.traces, MAX_HOPS, 0)  # kept here rather than lost
             self.forwarder.forget_peer(peer)
         await self._hand_over(new, old)
 
@@ -266,7 +271,7 @@ class ClusterNode:
             for trace in taken:
                 by_owner.setdefault(ring.owner(trace.trace_id), []).append(trace)
             for owner, traces in by_owner.items():
-                if self.forwarder.send_traces(owner, traces, LEFT if self.leaving else 1):
+                if self.forwarder.send_traces(owner, traces, LEFT if self.leaving else 1, ring=ring.digest):
                     self._handed_over.labels(owner).inc(len(traces))
                 else:
                     log.warning(
@@ -274,7 +279,7 @@ class ClusterNode:
                         len(traces),
                         owner,
                     )
-                    self.accept(traces, MAX_HOPS)
+                    self.accept(traces, MAX_HOPS, 0)
             await asyncio.sleep(0)
         await self._hand_over_decisions(ring, old)
 
@@ -311,5 +316,5 @@ class ClusterNode:
         return float(sum(self.forwarder.peer_stats(peer).failures for peer in self._peers()))
 
 
-def _refuse(traces: Sequence[Trace], hops: int) -> int:
+def _refuse(traces: Sequence[Trace], hops: int, ring: int) -> int:
     raise PeerOverloaded("this member is not ready")

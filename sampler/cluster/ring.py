@@ -31,6 +31,9 @@ class Ring:
         self._member_set = frozenset(self.members)
         self._seeds = tuple((member_seed(member), member) for member in self.members)
         self._only = self.members[0] if len(self.members) == 1 else None
+        # Names this set of members in forwarded messages: a member whose ring has the same digest as
+        # the sender's owns what it was sent without looking each trace up again. Never 0 ("unknown").
+        self.digest = xxh3_64_intdigest("\n".join(self.members).encode("utf-8")) or 1
 
     def owner(self, trace_id: bytes) -> str:
         """The member that owns `trace_id`; raises LookupError when the ring is empty."""

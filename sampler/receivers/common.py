@@ -105,15 +105,16 @@ class Ingest:
             _tee(self.capture, span_groups(batches) if groups is None else groups)
         return self._counted(self.buffer.add_spans(batches, foreign_owner), seq, 0)
 
-    def add_traces(self, traces: list[Trace], hops: int) -> IngestResult:
+    def add_traces(self, traces: list[Trace], hops: int, ring: int = 0) -> IngestResult:
         """Buffer traces another member summarized and forwarded (`hops`: how often they were forwarded
-        already); those the ring here gives to another member are forwarded on. Spans from peers are
+        already; `ring`: the digest of the ring it routed them by); those the ring here gives to another
+        member are forwarded on. Spans from peers are
         queued on whatever the queues hold: refusing them would make members that forward to each other
         wait on each other. Unavailable when the write-ahead log cannot take them."""
         cluster = self.cluster
         body = encode_request(trace_groups(traces)) if self.wal is not None else None
         seq = self._write_ahead(body)
-        foreign_owner = None if cluster is None else cluster.router(hops)
+        foreign_owner = None if cluster is None else cluster.router(hops, ring)
         return self._counted(self.buffer.add_traces(traces, foreign_owner), seq, hops)
 
     def _write_ahead(self, body: bytes | None) -> int:

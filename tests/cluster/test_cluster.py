@@ -265,6 +265,25 @@ async def test_spans_a_peer_sends_to_a_member_that_does_not_own_them_are_routed_
         assert decided(gateways[:1]) == len(traces)
 
 
+async def test_traces_a_peer_routed_by_the_same_ring_are_not_looked_up_again(cluster: Cluster) -> None:
+    """The sender names the ring it routed by; a member with that ring takes the traces as its own
+    without asking the ring about each (here even those it does not own, to show it asks nothing)."""
+    traces = make_traces(random.Random(11), 30)
+    gateways = await start_members(cluster, 3, static)
+    member = gateways[0].cluster
+    assert member is not None
+    body = request_of([span for spans in traces for span in spans]).SerializeToString()
+    forwarder = Forwarder(ForwardConfig())
+    try:
+        assert forwarder.send_traces(member.member_id, summarize(body), 1, ring=member.ring.digest)
+        assert await forwarder.flush(10)
+    finally:
+        await forwarder.close()
+    await wait_for(lambda: decided(gateways[:1]) == len(traces), timeout=15)
+    assert forwarded_spans(gateways[0]) == 0
+    assert member.ring.digest != Ring(member.ring.members[:2]).digest
+
+
 async def test_a_leaving_member_routes_everything_on_and_its_peers_keep_it(cluster: Cluster) -> None:
     """A leaving member's ring (the members without it) is the one the others are about to see: what it
     sends is kept where it lands, even by a member that still counts the leaving one in."""

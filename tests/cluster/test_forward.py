@@ -127,6 +127,7 @@ class Peer:
 
     def __init__(self, port: int = 0, unix_path: str | None = None) -> None:
         self.received: list[tuple[list[Trace], int]] = []
+        self.rings: list[int] = []
         self.decisions: list[ForwardedDecision] = []
         # Raised by the next traces handler calls, one each, before it records anything.
         self.failures: list[Exception] = []
@@ -140,10 +141,11 @@ class Peer:
             max_request_bytes=256 * 1024,
         )
 
-    def on_traces(self, traces: list[Trace], hops: int) -> None:
+    def on_traces(self, traces: list[Trace], hops: int, ring: int) -> None:
         if self.failures:
             raise self.failures.pop(0)
         self.received.append((traces, hops))
+        self.rings.append(ring)
 
     @property
     def address(self) -> str:
@@ -240,7 +242,7 @@ async def test_decisions_and_traces_round_trip(peer: Peer, make_forwarder: Forwa
     forwarder = make_forwarder()
     first, second = small_traces(), sample_traces()
     assert forwarder.send_decisions(peer.address, DECISIONS)
-    assert forwarder.send_traces(peer.address, first, hops=1)
+    assert forwarder.send_traces(peer.address, first, hops=1, ring=12345)
     assert forwarder.send_traces(peer.address, second, hops=0)
     assert await forwarder.flush(5.0)
     # Decisions are grouped by outcome on the wire: which ones arrive is kept, not their order.
@@ -249,6 +251,7 @@ async def test_decisions_and_traces_round_trip(peer: Peer, make_forwarder: Forwa
         (views(first), 1),
         (views(second), 0),
     ]
+    assert peer.rings == [12345, 0]
     assert forwarder.peer_stats(peer.address).decisions == len(DECISIONS)
 
 
@@ -256,7 +259,8 @@ def test_traces_travel_as_a_header_and_their_runs_and_decisions_need_whole_ids()
     traces = summarize(make_request(2, 3).SerializeToString())
     message = msgpack.unpackb(encode_traces(traces, hops=0))
     assert message[:2] == [TRACES, 0]
-    scopes, records, run_scopes, run_lengths = msgpack.unpackb(message[2])
+    scopes, records, run_scopes, run_lengths, ring = msgpack.unpackb(message[2])
+    assert ring == 0  # not given: unknown
     assert len(scopes) == 1 and run_scopes == [0, 0]
     assert [record[0] for record in TRACE_RECORD.iter_unpack(records)] == [t.trace_id for t in traces]
     assert message[3] == b"".join(run for trace in traces for _, run in trace.runs())
@@ -546,7 +550,7 @@ def _record(trace_id: bytes = b"\x01" * 16, spans: int = 1, runs: int = 1) -> by
 
 
 def _traces(scopes: Any, records: Any, run_scopes: Any, run_lengths: Any, runs: bytes = _RUNS) -> bytes:
-    return _body(V, [TRACES, 0, msgpack.packb([scopes, records, run_scopes, run_lengths]), runs])
+    return _body(V, [TRACES, 0, msgpack.packb([scopes, records, run_scopes, run_lengths, 0]), runs])
 
 
 @pytest.mark.parametrize(
@@ -565,6 +569,11 @@ def _traces(scopes: Any, records: Any, run_scopes: Any, run_lengths: Any, runs: 
         pytest.param(_traces([], b"", [0], []), "traces header must be", id="run-arrays-differ"),
         pytest.param(_traces(_SCOPES, _record(), [0], [-1]), "traces header must be", id="negative-length"),
         pytest.param(_traces(_SCOPES, _record(), ["0"], [1]), "traces header must be", id="index-not-int"),
+        pytest.param(
+            _body(V, [TRACES, 0, msgpack.packb([_SCOPES, _record(), [0], [_ONE_RUN], "r"]), _RUNS]),
+            "ring (an integer)",
+            id="ring-not-int",
+        ),
         pytest.param(
             _traces(_SCOPES, b"\x00" * 5, [0], [_ONE_RUN]), "traces header must be", id="cut-record"
         ),
