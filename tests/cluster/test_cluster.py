@@ -14,7 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
@@ -26,7 +29,7 @@ from sampler.config import ForwardConfig, parse_config
 from tests.cluster.redis_server import RedisServer
 from tests.cluster.summarized import summarize
 from tests.conftest import Downstream, free_port, gateway_config, metric, receiver_url, wait_for
-from tests.otlp_data import send
+from tests.otlp_data import post, send
 from tests.test_cli import wait_ready
 from tests.test_outage import run_gateway
 
@@ -263,6 +266,32 @@ async def test_spans_a_peer_sends_to_a_member_that_does_not_own_them_are_routed_
     else:
         assert routed_on == 0
         assert decided(gateways[:1]) == len(traces)
+
+
+async def test_invalid_span_ids_of_another_members_traces_are_refused_in_the_clients_reply(
+    cluster: Cluster,
+) -> None:
+    """The member a request reaches checks every span before it forwards any: the client's
+    partial_success counts the spans of other members' traces it refused too."""
+    gateways = await start_members(cluster, 2, static)
+    member = gateways[0].cluster
+    assert member is not None
+    traces = [
+        spans
+        for spans in make_traces(random.Random(12), 40)
+        if member.ring.owner(spans[0].trace_id) != member.member_id
+    ][:5]
+    for spans in traces:
+        spans[1].span_id = b"\x01\x02"  # not 8 bytes
+    body = request_of([span for spans in traces for span in spans]).SerializeToString()
+    status, _, reply = await post(receiver_url(gateways[0]), body, {"Content-Type": "application/x-protobuf"})
+    assert status == 200
+    response = ExportTraceServiceResponse.FromString(reply)
+    print(f"\npartial_success: {response.partial_success}")
+    assert response.partial_success.rejected_spans == len(traces)
+    assert "invalid span id" in response.partial_success.error_message
+    await wait_for(lambda: decided(gateways[1:]) == len(traces), timeout=15)
+    assert forwarded_spans(gateways[0]) == len(traces) * (SPANS_PER_TRACE - 1)
 
 
 async def test_traces_a_peer_routed_by_the_same_ring_are_not_looked_up_again(cluster: Cluster) -> None:
