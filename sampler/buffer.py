@@ -610,6 +610,8 @@ class TraceBuffer:
         spans_before = self.span_count
         added_spans = early_spans = added_bytes = 0
         span_by_span: list[Trace] = []
+        # With attribute keys: the wanted attributes of each scope's resource, read once per call.
+        resources: dict[Scope, list[tuple[str, AttributeValue]]] = {}
         for incoming in traces:
             trace_id = incoming.trace_id
             trace = get_trace(trace_id)
@@ -631,7 +633,7 @@ class TraceBuffer:
                     self._root_arrived(trace, now)
                 trace.merge(incoming)
             if needles:
-                self._extract_run_attributes(trace, incoming)
+                self._extract_run_attributes(trace, incoming, resources)
             added_spans += incoming.span_count
             added_bytes += incoming.nbytes
             if max_bytes and trace.nbytes > max_bytes and get_trace(trace_id) is trace:
@@ -650,12 +652,18 @@ class TraceBuffer:
             result.absorb(self.add_spans(batches))
         return result
 
-    def _extract_run_attributes(self, trace: Trace, incoming: Trace) -> None:
-        """Read the wanted attributes from the spans (and resources) of another member's trace."""
+    def _extract_run_attributes(
+        self, trace: Trace, incoming: Trace, resources: dict[Scope, list[tuple[str, AttributeValue]]]
+    ) -> None:
+        """Read the wanted attributes from the spans (and resources: `resources` keeps those read) of
+        another member's trace."""
         keys = self._attribute_keys
         for scope, run in incoming.runs():
-            resource = ResourceSpans.FromString(scope.resource).resource
-            for key, value in _wanted_values(resource.attributes, keys):
+            values = resources.get(scope)
+            if values is None:
+                resource = ResourceSpans.FromString(scope.resource).resource
+                values = resources[scope] = _wanted_values(resource.attributes, keys)
+            for key, value in values:
                 trace.add_attribute(key, value)
             if any(needle in run for needle in self._needles):
                 try:
