@@ -266,20 +266,23 @@ class ClusterNode:
         me = self.member_id
         moving = [trace for trace in list(self.buffer.traces.values()) if ring.owner(trace.trace_id) != me]
         for start in range(0, len(moving), _SLICE):
-            taken = self.buffer.take(moving[start : start + _SLICE])
             by_owner: dict[str, list[Trace]] = {}
-            for trace in taken:
+            for trace in moving[start : start + _SLICE]:
                 by_owner.setdefault(ring.owner(trace.trace_id), []).append(trace)
             for owner, traces in by_owner.items():
-                if self.forwarder.send_traces(owner, traces, LEFT if self.leaving else 1, ring=ring.digest):
-                    self._handed_over.labels(owner).inc(len(traces))
-                else:
+                if self.forwarder.full(owner):
                     log.warning(
-                        "cluster: %d traces for %s refused (queue full); deciding them here",
+                        "cluster: %d traces for %s kept here (its queue is full); deciding them here",
                         len(traces),
                         owner,
                     )
-                    self.accept(traces, MAX_HOPS, 0)
+                    continue
+                # Queued whatever their size: a handover is not refused halfway.
+                taken = self.buffer.take(traces)
+                hops = LEFT if self.leaving else 1
+                sent = self.forwarder.send_traces(owner, taken, hops, force=True, ring=ring.digest)
+                assert sent  # refused only when the forwarder is closed, which `full` checked
+                self._handed_over.labels(owner).inc(len(taken))
             await asyncio.sleep(0)
         await self._hand_over_decisions(ring, old)
 

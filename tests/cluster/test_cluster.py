@@ -384,6 +384,24 @@ async def test_clients_wait_for_a_backlogged_member_and_get_503_once_its_queue_i
     finally:
         await peer.close()
     assert node.forwarder.pending(down).spans == queued + SPANS_PER_TRACE
+    # A handover to a member whose queue is full keeps the traces here, to be decided here.
+    # Without their roots, so that they wait the whole decision_wait.
+    mine = request_of(
+        [span for spans in make_traces(random.Random(13), 10) for span in spans if span.parent_span_id]
+    )
+    peer = Forwarder(ForwardConfig())
+    try:
+        assert peer.send_traces(node.member_id, summarize(mine.SerializeToString()), 1, ring=node.ring.digest)
+        assert await peer.flush(10)
+    finally:
+        await peer.close()
+    buffered = set(node.buffer.traces)
+    assert len(buffered) == 10
+    queued = node.forwarder.pending(down).spans
+    await node._hand_over(Ring([down]))
+    assert set(node.buffer.traces) == buffered
+    assert node.forwarder.pending(down).spans == queued
+    assert handed_over_traces(gateway) == 0
 
 
 async def send_each_on_its_own_connection(url: str, requests: list[ExportTraceServiceRequest]) -> None:
