@@ -311,10 +311,10 @@ class _Header(NamedTuple):
 
 
 def _negative(values: list[Any]) -> bool:
-    """Whether `values` hold anything but non-negative integers."""
+    """Whether `values` hold anything but non-negative integers (in C: a float makes the sum a float)."""
     try:
-        return bool(values) and min(values) < 0
-    except TypeError:  # not all numbers; floats fail later, as indexes
+        return bool(values) and (type(sum(values)) is not int or min(values) < 0)
+    except TypeError:  # not all numbers
         return True
 
 

@@ -570,6 +570,12 @@ def _traces(scopes: Any, records: Any, run_scopes: Any, run_lengths: Any, runs: 
         pytest.param(_traces(_SCOPES, _record(), [0], [-1]), "traces header must be", id="negative-length"),
         pytest.param(_traces(_SCOPES, _record(), ["0"], [1]), "traces header must be", id="index-not-int"),
         pytest.param(
+            _traces(_SCOPES, _record(), [0.0], [_ONE_RUN]), "traces header must be", id="index-float"
+        ),
+        pytest.param(
+            _traces(_SCOPES, _record(), [0], [float(_ONE_RUN)]), "traces header must be", id="length-float"
+        ),
+        pytest.param(
             _body(V, [TRACES, 0, msgpack.packb([_SCOPES, _record(), [0], [_ONE_RUN], "r"]), _RUNS]),
             "ring (an integer)",
             id="ring-not-int",
