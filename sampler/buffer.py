@@ -184,13 +184,15 @@ class Trace:
     def span_groups(self, rewrite: RewriteRun | None = None) -> tuple[list[SpanGroup], int]:
         """The trace's valid spans grouped by scope, and how many spans were left out as invalid.
 
-        Spans are checked in full here, once their trace is kept: one that is not a valid OTLP Span is
-        left out so that it cannot spoil a batch downstream. `rewrite`, when given, gets each group's
-        framed spans with the same spans parsed and returns the framed spans to export.
+        Spans are checked in full here, once their trace is kept: one that is not a valid OTLP Span of
+        this trace is left out so that it cannot spoil a batch downstream (their ids were checked when
+        they arrived, but spans from other members are taken as sent). `rewrite`, when given, gets each
+        group's framed spans with the same spans parsed and returns the framed spans to export.
         """
         runs: dict[Scope, list[bytes]] = {}
         for scope, run in self.runs():
             runs.setdefault(scope, []).append(run)
+        trace_id = self.trace_id
         groups: list[SpanGroup] = []
         invalid = 0
         for scope, chunks in runs.items():
@@ -198,13 +200,17 @@ class Trace:
             spans: Sequence[Span]
             try:
                 spans = ScopeSpans.FromString(entries).spans
-                valid_links = all(_valid_links(span) for span in spans if span.links)
+                all_valid = all(_exportable(span, trace_id) for span in spans)
             except DecodeError:
-                valid_links = False
-            if not valid_links:
+                all_valid = False
+            if not all_valid:
                 framed = split_framed(entries)
                 parsed = [(entry, _parse_framed(entry)) for entry in framed]
-                valid = [(entry, span) for entry, span in parsed if span is not None and _valid_links(span)]
+                valid = [
+                    (entry, span)
+                    for entry, span in parsed
+                    if span is not None and _exportable(span, trace_id)
+                ]
                 invalid += len(framed) - len(valid)
                 entries = b"".join(entry for entry, _ in valid)
                 spans = [span for _, span in valid]
@@ -251,6 +257,20 @@ def _parse_framed(framed: bytes) -> Span | None:
     except DecodeError:
         return None
     return span
+
+
+def _exportable(span: Span, trace_id: bytes) -> bool:
+    """Whether a parsed span of the trace `trace_id` may be exported: of that trace, its span id and
+    parent id well formed (checked at ingest, by whichever member the span reached), its links' ids too."""
+    span_id = span.span_id
+    parent_id = span.parent_span_id
+    return (
+        span.trace_id == trace_id
+        and len(span_id) == 8
+        and span_id != _ZERO_SPAN_ID
+        and (not parent_id or len(parent_id) == 8)
+        and (not span.links or _valid_links(span))
+    )
 
 
 def _valid_links(span: Span) -> bool:

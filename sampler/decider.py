@@ -209,8 +209,9 @@ class Decider:
         if groups:
             # One call per trace: exporters batch and bound their queues by whole traces.
             groups = self._mark(kept.policy, groups)
+            exported = sum(count for _, _, count in groups)
             for export in exports:
-                export(groups, trace.span_count - invalid)
+                export(groups, exported)
         return invalid
 
     def _rewrite(self, tail_probability: float) -> RewriteRun | None:

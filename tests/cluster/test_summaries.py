@@ -8,10 +8,12 @@ from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 
 from sampler.buffer import DecisionCache, Kept, LateSpan, Trace, TraceBuffer
 from sampler.cluster.forward import decode_body, encode_body, encode_traces
 from sampler.config import TailSamplingConfig
+from sampler.otlp_wire import frame_run
 from sampler.receivers.otlp_decode import decode_protobuf
 from tests.otlp_data import make_request
 
@@ -208,3 +210,28 @@ def summarize_for(owner: Recorder, body: bytes) -> list[Trace]:
     assert hasattr(message, "traces")
     traces: list[Trace] = message.traces
     return traces
+
+
+def test_spans_a_peer_sent_that_are_not_of_their_trace_or_have_bad_ids_are_left_out_when_kept() -> None:
+    """A member checks the ids of the spans it forwards; the owner takes them as sent, and the full check
+    of a kept trace leaves out any that would spoil the batch downstream."""
+    owner = Recorder()
+    request = make_request(traces=2, spans_per_trace=3)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    ours, theirs = summarize_for(owner, request.SerializeToString())
+    # As a faulty peer could send them: another trace's span, and one whose span id is cut.
+    bad = make_request(traces=1, spans_per_trace=2)
+    stray, cut = bad.resource_spans[0].scope_spans[0].spans
+    cut.trace_id = spans[0].trace_id
+    cut.span_id = b"\x01\x02"
+    scope = ours.runs()[0][0]
+    for span in (stray, cut):
+        payload = span.SerializeToString()
+        ours.items += (scope, frame_run([payload]))
+        ours.span_count += 1
+    owner.buffer.add_traces([ours, theirs])
+    trace = owner.buffer.traces[spans[0].trace_id]
+    groups, invalid = trace.span_groups()
+    assert invalid == 2
+    exported = ScopeSpans.FromString(b"".join(entries for _, entries, _ in groups)).spans
+    assert [span.span_id for span in exported] == [span.span_id for span in spans[:3]]
