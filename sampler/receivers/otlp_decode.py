@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, cast
+from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -82,13 +82,11 @@ _REPEATED = frozenset({"spans", "scope_spans", "resource_spans"})
 _SummaryRequest, _RawRequest = _projection_classes()
 
 
-def decode_protobuf(body: bytes | memoryview) -> list[SpanBatch]:
-    """Decode a protobuf ExportTraceServiceRequest into span batches (from any buffer: a memoryview is
-    not copied)."""
-    data = cast(bytes, body)  # upb parses any buffer; the protobuf stubs say bytes
+def decode_protobuf(body: bytes) -> list[SpanBatch]:
+    """Decode a protobuf ExportTraceServiceRequest into span batches."""
     try:
-        summary: Any = _SummaryRequest.FromString(data)
-        raw: Any = _RawRequest.FromString(data)
+        summary: Any = _SummaryRequest.FromString(body)
+        raw: Any = _RawRequest.FromString(body)
     except ProtobufDecodeError as error:
         raise DecodeError(f"malformed protobuf ExportTraceServiceRequest: {error}") from None
     batches: list[SpanBatch] = []
