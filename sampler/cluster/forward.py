@@ -283,8 +283,8 @@ def _unpack_header(data: bytes | memoryview, intern: InternScope) -> _Header:
         or not isinstance(header[2], list)
         or not isinstance(header[3], list)
         or len(header[2]) != len(header[3])
-        or _negative(header[2])
-        or _negative(header[3])
+        or _not_counts(header[2])
+        or _not_counts(header[3])
         or type(header[4]) is not int
     ):
         raise DecodeError(
@@ -310,7 +310,7 @@ class _Header(NamedTuple):
     ring: int
 
 
-def _negative(values: list[Any]) -> bool:
+def _not_counts(values: list[Any]) -> bool:
     """Whether `values` hold anything but non-negative integers (in C: a float makes the sum a float)."""
     try:
         return bool(values) and (type(sum(values)) is not int or min(values) < 0)

@@ -108,9 +108,9 @@ class Ingest:
     def add_traces(self, traces: list[Trace], hops: int, ring: int = 0) -> IngestResult:
         """Buffer traces another member summarized and forwarded (`hops`: how often they were forwarded
         already; `ring`: the digest of the ring it routed them by); those the ring here gives to another
-        member are forwarded on. Spans from peers are
-        queued on whatever the queues hold: refusing them would make members that forward to each other
-        wait on each other. Unavailable when the write-ahead log cannot take them."""
+        member are forwarded on. Spans from peers are queued on whatever the queues hold: refusing them
+        would make members that forward to each other wait on each other. Unavailable when the
+        write-ahead log cannot take them."""
         cluster = self.cluster
         body = encode_request(trace_groups(traces)) if self.wal is not None else None
         seq = self._write_ahead(body)
@@ -118,7 +118,8 @@ class Ingest:
         return self._counted(self.buffer.add_traces(traces, foreign_owner), seq, hops)
 
     def _write_ahead(self, body: bytes | None) -> int:
-        """Log a request about to be buffered (with the write-ahead log, `body` is given): its number."""
+        """Count a request about to be buffered and, with the write-ahead log (then `body` is given), log
+        it: its number in the log, -1 without one."""
         seq = -1
         if self.wal is not None:
             assert body is not None
