@@ -1,5 +1,11 @@
 """Forwarding between cluster members: traces another member owns, trace decisions, and buffered traces
-handed over on a membership change, batched per peer into msgpack POSTs to `/cluster/v1/forward`.
+handed over on a membership change, batched per peer into requests over persistent connections.
+
+A connection (TCP, or a unix socket between workers) starts with MAGIC from the sender; then the sender
+writes request frames and the PeerServer answers each with a reply frame, in order. A frame is its
+length (4 bytes, little-endian) and its bytes; a reply is msgpack [status, accepted, retry after,
+text] (`Reply`). Frames are read straight into one buffer per connection and handled as soon as they
+are complete: no HTTP parsing, no chunk joins, no task per request.
 
 A request body is a msgpack stream: the format version, then one array per message.
 
@@ -26,33 +32,28 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
-import aiohttp
 import msgpack
-from aiohttp import web
 
 from sampler.buffer import Trace
 from sampler.config import ForwardConfig
 from sampler.errors import DecodeError, PeerOverloaded
 from sampler.logthrottle import LogThrottle
 from sampler.otlp_wire import Scope
-from sampler.receivers.http_server import read_all
-from sampler.sites import start_site
 
 log = logging.getLogger(__name__)
 
-FORWARD_PATH = "/cluster/v1/forward"
-CONTENT_TYPE = "application/x-msgpack"
+# What a sender writes first on each connection to a peer's PeerServer.
+MAGIC = b"TGF\x01"
+# Requests and replies are frames: their length, then their bytes.
+FRAME_HEADER = struct.Struct("<I")
 FORMAT_VERSION = 4
 # Message kinds, the first element of each message.
 DECISIONS = 2
 TRACES = 3
-# On a 5xx reply: how many messages of the request, from its start, the peer's handlers accepted. The
-# sender resends only the rest, so a peer that turns overloaded midway does not get spans twice.
-ACCEPTED_HEADER = "Tailgate-Accepted-Messages"
 # A peer takes requests of this size at most. A request holds at most a queue's worth of messages, so
 # this is the default `forward.queue_bytes` and room for the version.
 DEFAULT_MAX_REQUEST_BYTES = ForwardConfig().queue_bytes + 16
@@ -62,6 +63,13 @@ TRACE_RECORD = struct.Struct("<16sIIIQQ?I")
 _TRACE_ID_BYTES = 16
 _ZERO_TRACE_ID = bytes(_TRACE_ID_BYTES)
 _ERROR_SNIPPET = 200
+# A queued trace's bytes beyond its spans', as counted against the queue: its record and run lengths.
+_TRACE_OVERHEAD = TRACE_RECORD.size + 8
+# A PeerServer reads into a buffer with room for this many bytes at least; one that grew for a large
+# frame is replaced once it is empty, when over _KEEP_BYTES.
+_READ_BYTES = 256 * 1024
+_KEEP_BYTES = 8 << 20
+_MAX_REPLY_BYTES = 64 * 1024
 # Backoff jitter as in the exporters' retries: each wait is the interval ±50%.
 JITTER = 0.5
 
@@ -403,8 +411,12 @@ class ServerStats:
 class PeerServer:
     """Takes forwarded messages from peers and hands them, in order, to synchronous handlers.
 
-    A request is answered 200 only after every message in it was handed on; 400 with a message when its
-    body does not decode (nothing handed on); 503 with Retry-After when a handler raises PeerOverloaded.
+    Peers connect and write MAGIC, then request frames, one at a time: each is answered by a reply frame
+    (see `Reply`) once it was handled: 200 after every message in it was handed on; 400 with a message
+    when its body does not decode (nothing handed on); 413 for a frame over `max_request_bytes` (its
+    bytes are read and dropped, the connection goes on); 503 with a retry delay when a handler raises
+    PeerOverloaded; 500 when a handler fails. A connection that does not start with MAGIC gets a plain
+    HTTP 400 saying what this port speaks, and is closed.
     """
 
     def __init__(
@@ -427,66 +439,85 @@ class PeerServer:
         self.shutdown_grace = shutdown_grace
         self.port: int | None = None
         self.stats = ServerStats()
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
+        self._connections: set[_PeerConnection] = set()
+        self._closed = asyncio.Event()
         self._error_log = LogThrottle()
 
     async def start(self) -> None:
         """Listen on `unix_path` when given, else on `endpoint` (host:port)."""
-        app = web.Application(client_max_size=self.max_request_bytes)
-        app.router.add_post(FORWARD_PATH, self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.shutdown_grace)
-        await runner.setup()
-        site: web.BaseSite
+        loop = asyncio.get_running_loop()
         if self.unix_path is not None:
-            site = web.UnixSite(runner, self.unix_path)
+            self._server = await loop.create_unix_server(self._connection, self.unix_path)
         else:
             host, _, port = self.endpoint.rpartition(":")
-            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
-        self.port = await start_site(runner, site)
-        self._runner = runner
+            self._server = await loop.create_server(
+                self._connection, host.strip("[]"), int(port), reuse_address=True
+            )
+            self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("cluster forward server listening on %s", self.unix_path or f"{self.endpoint} ({self.port})")
 
     async def stop(self) -> None:
-        """Stop accepting; requests whose bodies are still arriving get `shutdown_grace` to complete."""
-        if self._runner is None:
+        """Stop accepting; requests whose frames are still arriving get `shutdown_grace` to complete."""
+        server, self._server = self._server, None
+        if server is None:
             return
-        await self._runner.cleanup()
-        self._runner = None
+        server.close()
+        for connection in list(self._connections):
+            connection.close_when_idle()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.shutdown_grace):
+                while self._connections:
+                    self._closed.clear()
+                    await self._closed.wait()
+        for connection in list(self._connections):
+            connection.abort()
+        self._connections.clear()
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        if request.content_type != CONTENT_TYPE:
-            self.stats.malformed += 1
-            return web.Response(status=415, text=f"unsupported content type {request.content_type!r}")
-        if request.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity"):
-            self.stats.malformed += 1
-            return web.Response(status=415, text="forwarded bodies are not compressed")
-        try:
-            body = await read_all(request, self.max_request_bytes)
-        except web.HTTPRequestEntityTooLarge:
-            self.stats.malformed += 1
-            return web.Response(status=413, text=f"body exceeds max_request_bytes ({self.max_request_bytes})")
+    def _connection(self) -> _PeerConnection:
+        connection = _PeerConnection(self)
+        if self._server is None:  # stopping: a connection accepted just before
+            connection.close_when_idle()
+        return connection
+
+    def answer(self, body: bytes) -> Reply:
+        """Decode a request body and hand its messages on; the reply for the sender."""
         try:
             messages = decode_body(body, self.intern_scope)
         except DecodeError as error:
             self.stats.malformed += 1
-            self._log_error("malformed request from %s: %s", request.remote, error)
-            return web.Response(status=400, text=str(error))
+            self._log_error("malformed request from a peer: %s", error)
+            return Reply(400, 0, 0.0, str(error))
         for index, message in enumerate(messages):
             try:
                 self._hand_on(message)
             except PeerOverloaded as overloaded:
                 self.stats.overloaded += 1
-                headers = {
-                    "Retry-After": str(max(1, math.ceil(overloaded.retry_after))),
-                    ACCEPTED_HEADER: str(index),
-                }
-                return web.Response(status=503, text=str(overloaded), headers=headers)
+                return Reply(503, index, max(0.0, overloaded.retry_after), str(overloaded))
             except Exception:
                 self.stats.errors += 1
                 log.exception("cluster forward: handler failed on a %s message", type(message).__name__)
-                return web.Response(status=500, text="handler failed", headers={ACCEPTED_HEADER: str(index)})
+                return Reply(500, index, 0.0, "handler failed")
         self.stats.requests += 1
-        return web.Response(status=200)
+        return Reply(200, len(messages), 0.0, "")
+
+    def too_large(self, size: int) -> Reply:
+        self.stats.malformed += 1
+        self._log_error("a peer sent a request of %d bytes, over max_request_bytes", size)
+        return Reply(
+            413, 0, 0.0, f"request of {size} bytes exceeds max_request_bytes ({self.max_request_bytes})"
+        )
+
+    def not_a_peer(self, remote: object) -> None:
+        self.stats.malformed += 1
+        self._log_error("closed a connection from %s that is not a tailgate forward stream", remote)
+
+    def opened(self, connection: _PeerConnection) -> None:
+        self._connections.add(connection)
+
+    def closed(self, connection: _PeerConnection) -> None:
+        self._connections.discard(connection)
+        self._closed.set()
 
     def _hand_on(self, message: Message) -> None:
         if isinstance(message, TracesMessage):
@@ -499,6 +530,159 @@ class PeerServer:
     def _log_error(self, text: str, *args: object) -> None:
         if self._error_log.allow():
             log.warning(text + " (%d similar messages suppressed)", *args, self._error_log.take_suppressed())
+
+
+class _PeerConnection(asyncio.BufferedProtocol):
+    """One peer's connection to a PeerServer: frames are read into one buffer, each handled as soon as it
+    is complete (the handlers are synchronous) and answered on the same connection."""
+
+    def __init__(self, server: PeerServer) -> None:
+        self._server = server
+        self._buffer = bytearray(_READ_BYTES)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+        self._greeted = False
+        self._skip = 0  # bytes of a frame over max_request_bytes still to be dropped
+        self._frame_bytes = 0  # the size of the frame that is arriving, its header included
+        self._closing = False
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._server.opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._server.closed(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if len(self._buffer) - self._filled < _READ_BYTES:
+            self._grow(self._filled + _READ_BYTES)
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._filled += nbytes
+        pos = self._frames()
+        if pos:
+            rest = self._filled - pos
+            self._view[:rest] = self._view[pos : self._filled]
+            self._filled = rest
+        if self._frame_bytes + _READ_BYTES > len(self._buffer):
+            # Room for the whole frame, so it arrives in as few reads as the socket allows.
+            self._grow(self._frame_bytes + _READ_BYTES)
+        elif not self._filled and len(self._buffer) > _KEEP_BYTES:
+            self._buffer = bytearray(_READ_BYTES)
+            self._view = memoryview(self._buffer)
+        if self._closing and self.idle:
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False
+
+    # A sender that does not read its replies: stop reading its requests until it does.
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    @property
+    def idle(self) -> bool:
+        """No frame has started arriving."""
+        return not self._filled and not self._skip
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if self.idle:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _frames(self) -> int:
+        """Handle every complete frame in the buffer; where the unhandled bytes start."""
+        view, filled, pos = self._view, self._filled, 0
+        if not self._greeted:
+            if bytes(view[: min(filled, len(MAGIC))]) != MAGIC[: min(filled, len(MAGIC))]:
+                self._refuse_stranger()
+                return filled
+            if filled < len(MAGIC):
+                return 0
+            self._greeted = True
+            pos = len(MAGIC)
+        server = self._server
+        while self._transport is not None:
+            if self._skip:
+                dropped = min(self._skip, filled - pos)
+                self._skip -= dropped
+                pos += dropped
+                if self._skip:
+                    break
+            if filled - pos < FRAME_HEADER.size:
+                break
+            (size,) = FRAME_HEADER.unpack_from(view, pos)
+            if size > server.max_request_bytes:
+                self._reply(server.too_large(size))
+                self._skip = size
+                pos += FRAME_HEADER.size
+                continue
+            end = pos + FRAME_HEADER.size + size
+            if end > filled:
+                self._frame_bytes = FRAME_HEADER.size + size
+                break
+            self._frame_bytes = 0
+            self._reply(server.answer(bytes(view[pos + FRAME_HEADER.size : end])))
+            pos = end
+        return pos
+
+    def _grow(self, size: int) -> None:
+        """A new buffer of `size` bytes at least, holding the bytes received so far."""
+        buffer = bytearray(max(size, 2 * len(self._buffer)))
+        buffer[: self._filled] = self._view[: self._filled]
+        self._buffer = buffer
+        self._view = memoryview(buffer)
+
+    def _reply(self, reply: Reply) -> None:
+        if self._transport is not None:
+            self._transport.write(reply.frame())
+
+    def _refuse_stranger(self) -> None:
+        if self._transport is None:
+            return
+        self._server.not_a_peer(self._transport.get_extra_info("peername"))
+        text = b"this port speaks the tailgate cluster forward stream, not HTTP\n"
+        self._transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(text)).encode() + b"\r\n\r\n" + text
+        )
+        self._transport.close()
+        self._transport = None
+
+
+class Reply(NamedTuple):
+    """A PeerServer's answer to a request frame: an HTTP-like status; how many messages of the request,
+    from its start, were handed on; on 503 the seconds the sender should wait; what went wrong."""
+
+    status: int
+    accepted: int
+    retry_after: float
+    text: str
+
+    def frame(self) -> bytes:
+        data: bytes = msgpack.packb(tuple(self))
+        return FRAME_HEADER.pack(len(data)) + data
+
+    @classmethod
+    def decode(cls, data: bytes) -> Reply:
+        try:
+            status, accepted, retry_after, text = msgpack.unpackb(data, raw=False)
+            reply = cls(int(status), int(accepted), float(retry_after), str(text))
+        except (ValueError, TypeError, msgpack.UnpackException) as error:
+            raise DecodeError(f"malformed reply: {type(error).__name__}: {error}") from None
+        return reply
 
 
 def _span_count(traces: Iterable[Trace]) -> int:
@@ -578,7 +762,8 @@ class _Peer:
     senders: list[asyncio.Task[None]] = field(default_factory=list)
     # Set by `settle`: senders finish the requests they have in flight and start no new one.
     paused: bool = False
-    session: aiohttp.ClientSession | None = None
+    # Connections no sender is using.
+    idle: list[_Connection] = field(default_factory=list)
 
     @property
     def in_flight(self) -> list[_Entry]:
@@ -586,6 +771,11 @@ class _Peer:
 
     def entries(self) -> list[_Entry]:
         return [*self.in_flight, *self.queue]
+
+    def close_idle(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
 
 
 class _Retry(Exception):
@@ -621,7 +811,6 @@ class Forwarder:
         self._closed = False
         # Set whenever something leaves a queue, for flush.
         self._progress = asyncio.Event()
-        self._closing_sessions: set[asyncio.Task[None]] = set()
         self._failure_log = LogThrottle()
         self._refusal_log = LogThrottle()
 
@@ -718,10 +907,7 @@ class Forwarder:
             return
         self._drop(state, "forgotten")
         self._stop_sender(state)
-        if state.session is not None:
-            task = asyncio.get_running_loop().create_task(state.session.close())
-            self._closing_sessions.add(task)
-            task.add_done_callback(self._closing_sessions.discard)
+        state.close_idle()
         self._progress.set()
 
     def backlogged(self, peer: str) -> bool:
@@ -775,10 +961,7 @@ class Forwarder:
             self._stop_sender(state)
         await asyncio.gather(*senders, return_exceptions=True)
         for state in peers:
-            if state.session is not None:
-                await state.session.close()
-        if self._closing_sessions:
-            await asyncio.gather(*self._closing_sessions, return_exceptions=True)
+            state.close_idle()
 
     # -- queueing
 
@@ -895,7 +1078,7 @@ class Forwarder:
             if failed:
                 stats.retries += 1
             try:
-                await self._post(state, lane, _body_chunks(lane))
+                await self._post(state, lane)
             except _Retry as failure:
                 self._settle(state, lane, failure.accepted, stats, delivered=True)
                 stats.failures += 1
@@ -945,37 +1128,36 @@ class Forwarder:
             stats.rejected_decisions += decisions
         self._progress.set()
 
-    async def _post(self, state: _Peer, lane: list[_Entry], body: AsyncIterator[bytes]) -> None:
-        """One attempt at delivering a request body; _Retry or _Rejected when it was not taken."""
-        if state.session is None:
-            state.session = self._session(state.address)
-        url = _url(state.address)
+    async def _post(self, state: _Peer, lane: list[_Entry]) -> None:
+        """One attempt at delivering a request: _Retry or _Rejected when it was not taken."""
+        parts = list(body_parts([entry.parts for entry in lane]))
+        connection: _Connection | None = None
         try:
-            async with state.session.post(url, data=body, headers={"Content-Type": CONTENT_TYPE}) as reply:
-                text = await reply.read()
-                if reply.status == 200:
-                    return
-                reason = f"HTTP {reply.status}: {text[:_ERROR_SNIPPET].decode(errors='replace')}"
-                accepted = _accepted(reply.headers.get(ACCEPTED_HEADER), len(lane))
-                if reply.status >= 500 or reply.status == 429:
-                    raise _Retry(reason, _retry_after(reply.headers.get("Retry-After")), accepted)
-                raise _Rejected(reason, accepted)
-        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            async with asyncio.timeout(self.config.timeout):
+                connection = state.idle.pop() if state.idle else await _Connection.open(state.address)
+                reply = await connection.exchange(parts)
+            state.idle.append(connection)
+            connection = None
+        except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError, DecodeError) as error:
             raise _Retry(f"{type(error).__name__}: {error}") from None
-        except (_Retry, _Rejected):
+        except asyncio.CancelledError:
             raise
         except Exception as error:
             # Whatever else fails (a bad peer address, a bug) must not end the sender: it keeps retrying,
             # and saying why.
             raise _Retry(f"unexpected {type(error).__name__}: {error}") from error
-
-    def _session(self, address: str) -> aiohttp.ClientSession:
-        connector: aiohttp.BaseConnector | None = None
-        if address.startswith("unix:"):
-            connector = aiohttp.UnixConnector(path=address.removeprefix("unix:"))
-        return aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=self.config.timeout)
-        )
+        finally:
+            if connection is not None:
+                connection.close()
+        if reply.status == 200:
+            return
+        reason = f"{reply.status}: {reply.text[:_ERROR_SNIPPET]}"
+        # The peer counts messages it took; a message holds one entry or more.
+        accepted = min(max(0, reply.accepted), len(lane))
+        if reply.status >= 500 or reply.status == 429:
+            retry_after = reply.retry_after if 0 < reply.retry_after < math.inf else None
+            raise _Retry(reason, retry_after, accepted)
+        raise _Rejected(reason, accepted)
 
     def _log_failure(self, text: str, peer: str, *args: object) -> None:
         if self._failure_log.allow():
@@ -987,30 +1169,32 @@ class Forwarder:
             )
 
 
-async def _body_chunks(lane: list[_Entry]) -> AsyncIterator[bytes]:
-    """A request body as its parts (chunked transfer): a batch of megabytes is never joined into one."""
-    for part in body_parts([entry.parts for entry in lane]):
-        yield part
+class _Connection:
+    """A sender's connection to a peer's PeerServer: one request frame at a time, then its reply."""
 
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
 
-def _url(address: str) -> str:
-    if address.startswith("unix:"):
-        return f"http://localhost{FORWARD_PATH}"
-    return f"http://{address}{FORWARD_PATH}"
+    @classmethod
+    async def open(cls, address: str) -> _Connection:
+        """Connect to "host:port" or "unix:/path"."""
+        if address.startswith("unix:"):
+            reader, writer = await asyncio.open_unix_connection(address.removeprefix("unix:"))
+        else:
+            host, _, port = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        writer.write(MAGIC)
+        return cls(reader, writer)
 
+    async def exchange(self, parts: list[bytes]) -> Reply:
+        """Send a request frame of `parts` (written as they are, never joined) and read its reply."""
+        self._writer.writelines([FRAME_HEADER.pack(sum(map(len, parts))), *parts])
+        await self._writer.drain()
+        (size,) = FRAME_HEADER.unpack(await self._reader.readexactly(FRAME_HEADER.size))
+        if size > _MAX_REPLY_BYTES:
+            raise DecodeError(f"a reply of {size} bytes: not a tailgate forward stream")
+        return Reply.decode(await self._reader.readexactly(size))
 
-def _accepted(value: str | None, in_flight: int) -> int:
-    if value is None or not value.isdigit():
-        return 0
-    return min(int(value), in_flight)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header as PeerServer sends it (delta-seconds)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if 0 <= seconds < math.inf else None
+    def close(self) -> None:
+        self._writer.close()

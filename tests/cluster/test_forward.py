@@ -11,15 +11,15 @@ from typing import Any
 import aiohttp
 import msgpack
 import pytest
+from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from sampler.buffer import DecisionCache, Trace, TraceBuffer
 from sampler.cluster.forward import (
-    ACCEPTED_HEADER,
-    CONTENT_TYPE,
     FORMAT_VERSION,
-    FORWARD_PATH,
+    FRAME_HEADER,
+    MAGIC,
     TRACE_RECORD,
     TRACES,
     Backoff,
@@ -27,6 +27,7 @@ from sampler.cluster.forward import (
     Forwarder,
     PeerOverloaded,
     PeerServer,
+    Reply,
     TracesMessage,
     decode_body,
     decode_message,
@@ -153,10 +154,6 @@ class Peer:
             return f"unix:{self.server.unix_path}"
         return f"127.0.0.1:{self.server.port}"
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.port}{FORWARD_PATH}"
-
     def span_count(self) -> int:
         return sum(trace.span_count for traces, _ in self.received for trace in traces)
 
@@ -191,12 +188,32 @@ async def make_forwarder() -> AsyncIterator[ForwarderFactory]:
         await forwarder.close()
 
 
-async def post(url: str, body: bytes, content_type: str = CONTENT_TYPE) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(url, data=body, headers={"Content-Type": content_type}) as reply,
-    ):
-        return reply.status, await reply.text()
+def frame(body: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(body)) + body
+
+
+async def read_reply(reader: asyncio.StreamReader) -> Reply:
+    (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+    return Reply.decode(await reader.readexactly(size))
+
+
+async def exchange(peer: Peer, *bodies: bytes) -> list[Reply]:
+    """Send each body as a request frame on one connection, waiting for each reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.server.port)
+    try:
+        writer.write(MAGIC)
+        replies = []
+        for body in bodies:
+            writer.write(frame(body))
+            replies.append(await read_reply(reader))
+        return replies
+    finally:
+        writer.close()
+
+
+async def post(peer: Peer, body: bytes) -> tuple[int, str]:
+    (reply,) = await exchange(peer, body)
+    return reply.status, reply.text
 
 
 # -- round trips -------------------------------------------------------------------------------------------
@@ -471,17 +488,11 @@ async def test_overloaded_peer_gets_retried_without_duplicates(
     assert forwarder.pending(peer.address).messages == 0
 
 
-async def test_overloaded_reply_carries_retry_after(peer: Peer) -> None:
+async def test_overloaded_reply_carries_retry_after_and_the_messages_taken(peer: Peer) -> None:
     peer.failures.append(PeerOverloaded("buffer full", retry_after=2.5))
     body = encode_body([encode_decisions(DECISIONS), encode_traces(small_traces(), 0)])
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(peer.url, data=body, headers={"Content-Type": CONTENT_TYPE}) as reply,
-    ):
-        assert reply.status == 503
-        assert reply.headers["Retry-After"] == "3"
-        assert reply.headers[ACCEPTED_HEADER] == "1"
-        assert "buffer full" in await reply.text()
+    (reply,) = await exchange(peer, body)
+    assert reply == Reply(503, 1, 2.5, "buffer full")
 
 
 async def test_a_failing_handler_gets_500_and_the_request_is_retried(
@@ -606,38 +617,104 @@ def _traces(scopes: Any, records: Any, run_scopes: Any, run_lengths: Any, runs: 
     ],
 )
 async def test_malformed_body_gets_400_and_serving_goes_on(peer: Peer, body: bytes, message: str) -> None:
-    status, text = await post(peer.url, body)
+    status, text = await post(peer, body)
     assert status == 400
     assert message in text
     # Nothing of a bad body is handed on, not even a good message before the bad one.
     assert peer.received == [] and peer.decisions == []
-    status, _ = await post(peer.url, _GOOD)
+    status, _ = await post(peer, _GOOD)
     assert status == 200
     assert peer.span_count() == 6
     assert peer.server.stats.malformed == 1
 
 
-async def test_wrong_content_type_and_oversized_bodies_are_refused(peer: Peer) -> None:
-    assert (await post(peer.url, _GOOD, "application/json"))[0] == 415
-    status, text = await post(peer.url, b"\x01" + b"\xc0" * (256 * 1024))
-    assert status == 413 and "max_request_bytes" in text
-    assert (await post(peer.url, _GOOD))[0] == 200
-    assert peer.server.stats.malformed == 2
+async def test_an_oversized_frame_is_refused_when_its_length_arrives_and_the_connection_goes_on(
+    peer: Peer,
+) -> None:
+    size = 256 * 1024 + 1  # over the peer's max_request_bytes
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.server.port)
+    writer.write(MAGIC + FRAME_HEADER.pack(size))
+    reply = await read_reply(reader)  # answered before any of the frame's bytes were sent
+    assert reply.status == 413 and "max_request_bytes" in reply.text
+    for _ in range(4):  # the frame's bytes are read and dropped
+        writer.write(b"\xc0" * (size // 4))
+        await writer.drain()
+    writer.write(b"\xc0" * (size % 4) + frame(_GOOD))
+    assert (await read_reply(reader)).status == 200
+    writer.close()
+    assert peer.span_count() == 6
+    assert peer.server.stats.malformed == 1
 
 
-async def test_an_oversized_chunked_body_is_refused_while_it_arrives(peer: Peer) -> None:
-    async def chunks() -> AsyncIterator[bytes]:
-        yield b"\x01"
-        for _ in range(8):
-            yield b"\xc0" * (64 * 1024)
+async def test_frames_are_answered_in_order_however_they_arrive(peer: Peer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.server.port)
+    # Byte by byte, the stream's opening included.
+    for byte in MAGIC + frame(_GOOD):
+        writer.write(bytes([byte]))
+        await writer.drain()
+        await asyncio.sleep(0)
+    assert (await read_reply(reader)).status == 200
+    # Three frames in one write: a good one, a bad one, a good one.
+    writer.write(frame(_GOOD) + frame(b"\xc1") + frame(_GOOD))
+    assert [(await read_reply(reader)).status for _ in range(3)] == [200, 400, 200]
+    writer.close()
+    assert peer.span_count() == 18
 
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(peer.url, data=chunks(), headers={"Content-Type": CONTENT_TYPE}) as reply,
-    ):
-        assert reply.status == 413
-        assert "max_request_bytes" in await reply.text()
-    assert (await post(peer.url, _GOOD))[0] == 200
+
+async def test_a_connection_that_is_not_a_forward_stream_gets_an_http_400_and_is_closed(peer: Peer) -> None:
+    url = f"http://127.0.0.1:{peer.server.port}/cluster/v1/forward"
+    async with aiohttp.ClientSession() as session, session.post(url, data=_GOOD) as reply:
+        assert reply.status == 400
+        assert "tailgate cluster forward stream" in await reply.text()
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.server.port)
+    writer.write(b"\x00\x00\x00\x10" + _GOOD)
+    assert (await reader.read()).startswith(b"HTTP/1.1 400")  # and closed
+    writer.close()
+    assert (await post(peer, _GOOD))[0] == 200
+    assert peer.server.stats.malformed == 2 and peer.span_count() == 6
+
+
+async def test_stop_lets_a_frame_that_is_arriving_complete_and_closes_idle_connections(peer: Peer) -> None:
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", peer.server.port)
+    idle_writer.write(MAGIC)
+    reader, writer = await asyncio.open_connection("127.0.0.1", peer.server.port)
+    body = frame(_GOOD)
+    writer.write(MAGIC + body[:10])
+    await writer.drain()
+    connections = peer.server._connections
+    await wait_for(lambda: len(connections) == 2 and any(not c.idle for c in connections))
+    stopping = asyncio.ensure_future(peer.server.stop())
+    assert await idle_reader.read() == b""  # closed at once
+    await asyncio.sleep(0.1)
+    assert not stopping.done()
+    writer.write(body[10:])
+    assert (await read_reply(reader)).status == 200
+    await asyncio.wait_for(stopping, 5.0)
+    assert peer.span_count() == 6
+    idle_writer.close()
+    writer.close()
+
+
+async def test_a_peer_address_that_does_not_speak_the_stream_is_retried_not_fatal(
+    make_forwarder: ForwarderFactory,
+) -> None:
+    """An HTTP server where a peer should be (a wrong address or port): each attempt fails and is
+    retried with backoff; the spans stay queued until the peer is forgotten."""
+    app = web.Application()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        forwarder = make_forwarder()
+        address = f"127.0.0.1:{port}"
+        assert forwarder.send_traces(address, small_traces(), hops=0)
+        await wait_for(lambda: forwarder.peer_stats(address).failures >= 2)
+        assert forwarder.pending(address).spans == 2
+        forwarder.forget_peer(address)
+        assert forwarder.peer_stats(address).dropped_spans == 2
+    finally:
+        await runner.cleanup()
 
 
 async def test_settle_lets_requests_in_flight_finish_so_nothing_is_taken_back_twice(
