@@ -452,8 +452,9 @@ class ForwardConfig(Model):
 
     max_batch_bytes: Count = 4 << 20
     max_delay: PositiveSeconds = 0.02
-    # Requests in flight per peer at most.
-    max_in_flight: Annotated[Count, Field(le=64)] = 2
+    # Requests in flight per peer at most, a connection each. One is enough: what is queued while a
+    # request is answered goes out as the next, larger, request.
+    max_in_flight: Annotated[Count, Field(le=64)] = 1
     # Bytes waiting per peer at most; beyond it a request whose spans cannot be queued is refused (503).
     queue_bytes: Count = 64 << 20
     timeout: PositiveSeconds = 5.0

@@ -1026,8 +1026,7 @@ class Forwarder:
         state.bytes = state.unsent_bytes = 0
 
     def _start_sender(self, state: _Peer) -> None:
-        """`max_in_flight` senders, each with one request in flight: a peer busy with its own clients
-        reads a request body over many turns of its event loop, and one at a time would not keep up."""
+        """`max_in_flight` senders, each with one request (and connection) in flight."""
         loop = asyncio.get_running_loop()
         state.lanes = [[] for _ in range(self.config.max_in_flight)]
         state.senders = [
