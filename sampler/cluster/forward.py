@@ -441,6 +441,7 @@ class PeerServer:
         self.stats = ServerStats()
         self._server: asyncio.Server | None = None
         self._connections: set[_PeerConnection] = set()
+        self._stopping = False
         self._closed = asyncio.Event()
         self._error_log = LogThrottle()
 
@@ -462,6 +463,7 @@ class PeerServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self._stopping = True
         server.close()
         for connection in list(self._connections):
             connection.close_when_idle()
@@ -476,7 +478,7 @@ class PeerServer:
 
     def _connection(self) -> _PeerConnection:
         connection = _PeerConnection(self)
-        if self._server is None:  # stopping: a connection accepted just before
+        if self._stopping:  # a connection accepted just before
             connection.close_when_idle()
         return connection
 
@@ -771,6 +773,16 @@ class _Peer:
 
     def entries(self) -> list[_Entry]:
         return [*self.in_flight, *self.queue]
+
+    def take_idle(self) -> _Connection | None:
+        """A connection no sender is using that the peer has not closed meanwhile (it stopped, or
+        restarted)."""
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.usable:
+                return connection
+            connection.close()
+        return None
 
     def close_idle(self) -> None:
         for connection in self.idle:
@@ -1133,7 +1145,7 @@ class Forwarder:
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(self.config.timeout):
-                connection = state.idle.pop() if state.idle else await _Connection.open(state.address)
+                connection = state.take_idle() or await _Connection.open(state.address)
                 reply = await connection.exchange(parts)
             state.idle.append(connection)
             connection = None
@@ -1194,6 +1206,10 @@ class _Connection:
         if size > _MAX_REPLY_BYTES:
             raise DecodeError(f"a reply of {size} bytes: not a tailgate forward stream")
         return Reply.decode(await self._reader.readexactly(size))
+
+    @property
+    def usable(self) -> bool:
+        return not self._reader.at_eof() and not self._writer.is_closing()
 
     def close(self) -> None:
         self._writer.close()

@@ -383,6 +383,25 @@ async def test_a_peer_down_then_up_gets_everything_once_in_order(make_forwarder:
         await receiver.server.stop()
 
 
+async def test_a_peer_that_restarted_between_requests_is_reached_without_a_failed_attempt(
+    make_forwarder: ForwarderFactory,
+) -> None:
+    port = free_port()
+    forwarder = make_forwarder()
+    for _ in range(2):
+        receiver = Peer(port=port)
+        await receiver.server.start()
+        try:
+            assert forwarder.send_traces(receiver.address, small_traces(), hops=0)
+            assert await forwarder.flush(5.0)
+            assert receiver.span_count() == 2
+        finally:
+            await receiver.server.stop()  # closes the sender's idle connection
+        await asyncio.sleep(0.05)
+    stats = forwarder.peer_stats(f"127.0.0.1:{port}")
+    assert (stats.spans, stats.failures) == (4, 0)
+
+
 async def test_take_undelivered_returns_all_traces_of_a_peer_that_never_came_up(
     make_forwarder: ForwarderFactory,
 ) -> None:
