@@ -697,7 +697,7 @@ def _span_count(traces: Iterable[Trace]) -> int:
 @dataclass(frozen=True)
 class Backoff:
     """Waits between attempts to deliver a request to a peer: from `initial`, times `multiplier` after
-    each failure, at most `maximum`, each ±50% jitter. A peer's Retry-After replaces the interval."""
+    each failure, at most `maximum`, each ±50% jitter. A peer's retry delay (503) replaces the interval."""
 
     initial: float = 0.1
     maximum: float = 2.0
@@ -804,11 +804,12 @@ class _Rejected(Exception):
 
 
 class Forwarder:
-    """Per-peer queues of encoded messages, each with one sender task and one keep-alive connection.
+    """Per-peer queues of encoded messages, each sent by `max_in_flight` sender tasks over a persistent
+    connection each.
 
     `send_*` only queue (never await): a peer's queue is sent as one request when it holds
-    `max_batch_bytes` or `max_delay` after its oldest message. One request is in flight per peer, so
-    messages arrive in the order they were queued. A failed request (connection, timeout, 5xx) is
+    `max_batch_bytes` or `max_delay` after its oldest message. With one request in flight per peer (the
+    default) messages arrive in the order they were queued. A failed request (connection, timeout, 5xx) is
     retried with backoff until the peer acknowledges it, the peer is forgotten or the forwarder closes;
     what is then still queued is counted as dropped. Peers are "host:port" or "unix:/path".
     Must be used from a running event loop.
