@@ -490,6 +490,10 @@ class PeerServer:
             self.stats.malformed += 1
             self._log_error("malformed request from a peer: %s", error)
             return Reply(400, 0, 0.0, str(error))
+        except Exception:  # a bug: the connection and the server go on
+            self.stats.errors += 1
+            log.exception("cluster forward: decoding a request failed")
+            return Reply(500, 0, 0.0, "decoding failed")
         for index, message in enumerate(messages):
             try:
                 self._hand_on(message)

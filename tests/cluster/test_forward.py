@@ -526,6 +526,19 @@ async def test_a_failing_handler_gets_500_and_the_request_is_retried(
     assert forwarder.peer_stats(peer.address).failures == 1
 
 
+async def test_a_failure_while_decoding_gets_500_and_the_connection_goes_on(peer: Peer) -> None:
+    intern = peer.server.intern_scope
+
+    def failing_once(resource: bytes, scope: bytes) -> Scope | None:
+        peer.server.intern_scope = intern
+        raise RuntimeError("bug")
+
+    peer.server.intern_scope = failing_once
+    replies = await exchange(peer, _GOOD, _GOOD)
+    assert [reply.status for reply in replies] == [500, 200]
+    assert peer.server.stats.errors == 1 and peer.span_count() == 6
+
+
 async def test_a_request_the_peer_refuses_for_good_is_counted_not_retried(
     peer: Peer, make_forwarder: ForwarderFactory
 ) -> None:
