@@ -63,8 +63,6 @@ TRACE_RECORD = struct.Struct("<16sIIIQQ?I")
 _TRACE_ID_BYTES = 16
 _ZERO_TRACE_ID = bytes(_TRACE_ID_BYTES)
 _ERROR_SNIPPET = 200
-# A queued trace's bytes beyond its spans', as counted against the queue: its record and run lengths.
-_TRACE_OVERHEAD = TRACE_RECORD.size + 8
 # A PeerServer reads into a buffer with room for this many bytes at least; one that grew for a large
 # frame is replaced once it is empty, when over _KEEP_BYTES.
 _READ_BYTES = 256 * 1024
@@ -451,9 +449,8 @@ class PeerServer:
         if self.unix_path is not None:
             self._server = await loop.create_unix_server(self._connection, self.unix_path)
         else:
-            host, _, port = self.endpoint.rpartition(":")
             self._server = await loop.create_server(
-                self._connection, host.strip("[]"), int(port), reuse_address=True
+                self._connection, *_host_port(self.endpoint), reuse_address=True
             )
             self.port = int(self._server.sockets[0].getsockname()[1])
         log.info("cluster forward server listening on %s", self.unix_path or f"{self.endpoint} ({self.port})")
@@ -1154,10 +1151,8 @@ class Forwarder:
                 reply = await connection.exchange(parts)
             state.idle.append(connection)
             connection = None
-        except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError, DecodeError) as error:
+        except (OSError, TimeoutError, EOFError, DecodeError) as error:  # EOFError: IncompleteReadError
             raise _Retry(f"{type(error).__name__}: {error}") from None
-        except asyncio.CancelledError:
-            raise
         except Exception as error:
             # Whatever else fails (a bad peer address, a bug) must not end the sender: it keeps retrying,
             # and saying why.
@@ -1168,7 +1163,6 @@ class Forwarder:
         if reply.status == 200:
             return
         reason = f"{reply.status}: {reply.text[:_ERROR_SNIPPET]}"
-        # The peer counts messages it took; a message holds one entry or more.
         accepted = min(max(0, reply.accepted), len(lane))
         if reply.status >= 500 or reply.status == 429:
             retry_after = reply.retry_after if 0 < reply.retry_after < math.inf else None
@@ -1198,8 +1192,7 @@ class _Connection:
         if address.startswith("unix:"):
             reader, writer = await asyncio.open_unix_connection(address.removeprefix("unix:"))
         else:
-            host, _, port = address.rpartition(":")
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            reader, writer = await asyncio.open_connection(*_host_port(address))
         writer.write(MAGIC)
         return cls(reader, writer)
 
@@ -1218,3 +1211,9 @@ class _Connection:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" as (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
