@@ -12,7 +12,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from cachetools import LRUCache
 from google.protobuf.message import DecodeError
@@ -300,6 +300,8 @@ class SpanFields(Protocol):
     @property
     def status(self) -> Any: ...
 
+    def HasField(self, field_name: Literal["status"]) -> bool: ...  # protobuf's name
+
 
 @dataclass(slots=True)
 class SpanBatch:
@@ -558,11 +560,13 @@ class TraceBuffer:
                     runs[trace] = [payload]
                 else:
                     run.append(payload)
-                code = span.status.code
-                if code:
-                    # Masked: a bad client may send any int32; unknown codes set unused bits.
-                    trace._codes |= 1 << (code & 31)
-                    trace._coded_spans += 1
+                # Asked first: reading an absent status builds a stub message (upb: an arena of its own).
+                if span.HasField("status"):
+                    code = span.status.code
+                    if code:
+                        # Masked: a bad client may send any int32; unknown codes set unused bits.
+                        trace._codes |= 1 << (code & 31)
+                        trace._coded_spans += 1
                 start = span.start_time_unix_nano
                 if start < trace._min_start:
                     trace._min_start = start

@@ -8,6 +8,10 @@ import time
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from policies.base import STATUS_ERROR, STATUS_OK, STATUS_UNSET
+from sampler.buffer import DecisionCache, TraceBuffer
+from sampler.config import TailSamplingConfig
+from sampler.receivers.otlp_decode import decode_json, decode_protobuf
 from tests.conftest import (
     Downstream,
     GatewayFactory,
@@ -16,7 +20,29 @@ from tests.conftest import (
     receiver_url,
     wait_for,
 )
-from tests.otlp_data import ERRORS_ONLY, make_request, send
+from tests.otlp_data import ERRORS_ONLY, make_request, otlp_json, send
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json"])
+def test_status_codes_come_from_spans_with_and_without_a_status(encoding: str) -> None:
+    """A span without a status, or with a status that has a message and no code, is UNSET; codes set
+    their own bits. Both decoders' spans (projected protobuf, full messages from JSON) read alike."""
+    request = make_request(traces=3, spans_per_trace=3)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    spans[1].status.message = "no code"  # trace 0: a status without a code, the others none
+    spans[4].status.code = 1  # trace 1: OK and no status
+    spans[7].status.code = 2  # trace 2: ERROR and a status message alone
+    spans[7].status.message = "failed"
+    spans[8].status.message = "only a message"
+    if encoding == "protobuf":
+        batches = decode_protobuf(request.SerializeToString())
+    else:
+        batches = decode_json(otlp_json(request))
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), DecisionCache(10, 10), lambda: 0.0)
+    result = buffer.add_spans(batches)
+    assert (result.accepted, result.rejected) == (9, 0)
+    codes = [buffer.traces[span.trace_id].status_codes for span in spans[::3]]
+    assert codes == [STATUS_UNSET, STATUS_OK | STATUS_UNSET, STATUS_ERROR | STATUS_UNSET]
 
 
 def only_child(request: ExportTraceServiceRequest, index: int) -> ExportTraceServiceRequest:
