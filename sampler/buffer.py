@@ -120,15 +120,21 @@ class Trace:
     ) -> Trace:
         """A trace as another member summarized it (the fields of `summary()`), with its spans (`items`,
         `nbytes`), to hand to TraceBuffer.add_traces."""
-        trace = cls(trace_id, _UNSCHEDULED)
+        # Each slot set once, without __init__ setting most of them first: one call per trace received.
+        trace = cls.__new__(cls)
+        trace.trace_id = trace_id
+        trace.deadline = _UNSCHEDULED
+        trace.first_seq = 0
+        trace.items = items
+        trace.nbytes = nbytes
         trace.span_count = span_count
-        trace._coded_spans = coded_spans
         trace._codes = codes
+        trace._coded_spans = coded_spans
         trace._min_start = min_start
         trace.max_end_ns = max_end
         trace.root_seen = root_seen
-        trace.items = items
-        trace.nbytes = nbytes
+        trace.attributes = None
+        trace._parsed = None
         return trace
 
     def merge(self, other: Trace) -> None:

@@ -235,3 +235,11 @@ def test_spans_a_peer_sent_that_are_not_of_their_trace_or_have_bad_ids_are_left_
     assert invalid == 2
     exported = ScopeSpans.FromString(b"".join(entries for _, entries, _ in groups)).spans
     assert [span.span_id for span in exported] == [span.span_id for span in spans[:3]]
+
+
+def test_a_trace_received_from_a_peer_has_every_field_a_buffered_one_has() -> None:
+    """Trace.detached sets each slot itself, not through __init__: none may be left unset."""
+    trace = Trace.detached(bytes(range(16)), 2, 1, 4, 10, 20, True, [], 0)
+    assert [slot for slot in Trace.__slots__ if not hasattr(trace, slot)] == []
+    fresh = Trace(bytes(range(16)), trace.deadline)
+    assert (fresh.attributes, fresh._parsed, fresh.first_seq) == (trace.attributes, trace._parsed, 0)
