@@ -112,9 +112,10 @@ Message = TracesMessage | DecisionsMessage
 # -- encoding --------------------------------------------------------------------------------------------
 
 
-def traces_message(traces: Iterable[Trace], hops: int, ring: int = 0) -> tuple[bytes, bytes]:
-    """A TRACES message as two parts: the msgpack array with its header, then the runs bin, which is not
-    copied into a msgpack buffer. Traces without spans are left out."""
+def traces_message(traces: Iterable[Trace], hops: int, ring: int = 0) -> tuple[bytes, ...]:
+    """A TRACES message in parts: the msgpack array with its header and the runs bin's length, then the
+    runs themselves, the traces' own bytes objects, never joined here (the connection writes them as
+    they are). Traces without spans are left out."""
     records: list[bytes] = []
     items: list[bytes | Scope] = []  # every trace's alternating scope and run, in order
     pack_trace = TRACE_RECORD.pack
@@ -125,19 +126,19 @@ def traces_message(traces: Iterable[Trace], hops: int, ring: int = 0) -> tuple[b
     scopes: dict[Scope, int] = {}
     run_scopes = [scopes.setdefault(scope, len(scopes)) for scope in cast(list[Scope], items[::2])]
     runs = cast(list[bytes], items[1::2])
+    run_lengths = list(map(len, runs))
     header: bytes = msgpack.packb(
         [
             [[scope.resource, scope.scope] for scope in scopes],
             b"".join(records),
             run_scopes,
-            list(map(len, runs)),
+            run_lengths,
             ring,
         ],
         use_bin_type=True,
     )
-    joined = b"".join(runs)
     prefix = _ARRAY_OF_4 + _TRACES_KIND + msgpack.packb(hops) + _BIN32.pack(0xC6, len(header))
-    return prefix + header + _BIN32.pack(0xC6, len(joined)), joined
+    return (prefix + header + _BIN32.pack(0xC6, sum(run_lengths)), *runs)
 
 
 def encode_traces(traces: Iterable[Trace], hops: int, ring: int = 0) -> bytes:

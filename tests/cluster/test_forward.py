@@ -220,6 +220,28 @@ async def post(peer: Peer, body: bytes) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_a_request_of_more_runs_than_one_write_takes_arrives_whole(
+    transport: str, tmp_path: Path, make_forwarder: ForwarderFactory
+) -> None:
+    """Each run is written as its own part (no join): 1500 traces of one run each, more than the 1024
+    buffers one writev takes, arrive as one request with every span."""
+    receiver = Peer(unix_path=str(tmp_path / "peer.sock") if transport == "unix" else None)
+    await receiver.server.start()
+    try:
+        forwarder = make_forwarder()
+        traces = summarize(decode_protobuf(make_request(traces=1500, spans_per_trace=1).SerializeToString()))
+        assert len(traces) == 1500
+        assert forwarder.send_traces(receiver.address, traces, hops=1)
+        assert await forwarder.flush(10.0)
+        assert len(receiver.received) == 1
+        received, _ = receiver.received[0]
+        assert views(received) == views(traces)
+        assert forwarder.peer_stats(receiver.address).requests == 1
+    finally:
+        await receiver.server.stop()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
 async def test_every_trace_field_and_span_arrives_as_sent(
     transport: str, tmp_path: Path, make_forwarder: ForwarderFactory
 ) -> None:
