@@ -23,6 +23,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from policies.base import STATUS_UNSET, AttributeValue, SpanRecord
 from sampler.config import TailSamplingConfig
 from sampler.otlp_wire import (
+    TAG_SCOPE_SPANS,
     Scope,
     SpanGroup,
     frame,
@@ -33,6 +34,8 @@ from sampler.otlp_wire import (
 
 _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
+# The tag of Span.links (field 13, length-delimited): a run without this byte has no span with links.
+_LINKS_TAG = b"\x6a"
 # Distinct values remembered per attribute key per trace; enough for any policy, bounded for memory.
 _MAX_VALUES_PER_KEY = 64
 # Interned Scope objects; when exceeded the table starts over (buffered traces keep their own refs).
@@ -194,28 +197,35 @@ class Trace:
         this trace is left out so that it cannot spoil a batch downstream (their ids were checked when
         they arrived, but spans from other members are taken as sent). `rewrite`, when given, gets each
         group's framed spans with the same spans parsed and returns the framed spans to export.
+
+        All groups are parsed in one step, as the ScopeSpans of one ResourceSpans: each parse costs upb
+        an arena, whose churn sets off its malloc_trim. A group that does not parse is read span by span.
         """
         runs: dict[Scope, list[bytes]] = {}
         for scope, run in self.runs():
             runs.setdefault(scope, []).append(run)
         trace_id = self.trace_id
+        joined = [b"".join(chunks) for chunks in runs.values()]
+        try:
+            parsed: Sequence[ScopeSpans] | None = ResourceSpans.FromString(
+                b"".join([frame(TAG_SCOPE_SPANS, entries) for entries in joined])
+            ).scope_spans
+        except DecodeError:
+            parsed = None  # some group does not parse: each is parsed on its own
         groups: list[SpanGroup] = []
         invalid = 0
-        for scope, chunks in runs.items():
-            entries = b"".join(chunks)
-            spans: Sequence[Span]
-            try:
-                spans = ScopeSpans.FromString(entries).spans
-                all_valid = all(_exportable(span, trace_id) for span in spans)
-            except DecodeError:
-                all_valid = False
-            if not all_valid:
+        for index, (scope, entries) in enumerate(zip(runs, joined, strict=True)):
+            spans = _scope_spans(entries) if parsed is None else parsed[index].spans
+            # Without the links tag anywhere in the group, no span has links (reading an absent
+            # repeated field would build a stub with an upb arena of its own).
+            links = _LINKS_TAG in entries
+            if spans is None or not all(_exportable(span, trace_id, links) for span in spans):
                 framed = split_framed(entries)
-                parsed = [(entry, _parse_framed(entry)) for entry in framed]
+                parsed_spans = [(entry, _parse_framed(entry)) for entry in framed]
                 valid = [
                     (entry, span)
-                    for entry, span in parsed
-                    if span is not None and _exportable(span, trace_id)
+                    for entry, span in parsed_spans
+                    if span is not None and _exportable(span, trace_id, True)
                 ]
                 invalid += len(framed) - len(valid)
                 entries = b"".join(entry for entry, _ in valid)
@@ -257,6 +267,15 @@ def _parse_items(items: list[bytes | Scope]) -> list[SpanRecord]:
     return records
 
 
+def _scope_spans(entries: bytes) -> Sequence[Span] | None:
+    """The spans of framed `ScopeSpans.spans` entries, parsed; None when they do not parse."""
+    try:
+        spans: Sequence[Span] = ScopeSpans.FromString(entries).spans
+    except DecodeError:
+        return None
+    return spans
+
+
 def _parse_framed(framed: bytes) -> Span | None:
     try:
         (span,) = ScopeSpans.FromString(framed).spans
@@ -265,9 +284,10 @@ def _parse_framed(framed: bytes) -> Span | None:
     return span
 
 
-def _exportable(span: Span, trace_id: bytes) -> bool:
+def _exportable(span: Span, trace_id: bytes, links: bool) -> bool:
     """Whether a parsed span of the trace `trace_id` may be exported: of that trace, its span id and
-    parent id well formed (checked at ingest, by whichever member the span reached), its links' ids too."""
+    parent id well formed (checked at ingest, by whichever member the span reached), its links' ids too
+    (`links`: whether it may have any)."""
     span_id = span.span_id
     parent_id = span.parent_span_id
     return (
@@ -275,7 +295,7 @@ def _exportable(span: Span, trace_id: bytes) -> bool:
         and len(span_id) == 8
         and span_id != _ZERO_SPAN_ID
         and (not parent_id or len(parent_id) == 8)
-        and (not span.links or _valid_links(span))
+        and (not links or not span.links or _valid_links(span))
     )
 
 

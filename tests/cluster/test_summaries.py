@@ -7,13 +7,13 @@ import random
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 
 from sampler.buffer import DecisionCache, Kept, LateSpan, Trace, TraceBuffer
 from sampler.cluster.forward import decode_body, encode_body, encode_traces
 from sampler.config import TailSamplingConfig
-from sampler.otlp_wire import frame_run
+from sampler.otlp_wire import frame, frame_run
 from sampler.receivers.otlp_decode import decode_protobuf
 from tests.otlp_data import make_request
 
@@ -243,3 +243,28 @@ def test_a_trace_received_from_a_peer_has_every_field_a_buffered_one_has() -> No
     assert [slot for slot in Trace.__slots__ if not hasattr(trace, slot)] == []
     fresh = Trace(bytes(range(16)), trace.deadline)
     assert (fresh.attributes, fresh._parsed, fresh.first_seq) == (trace.attributes, trace._parsed, 0)
+
+
+def test_a_kept_trace_leaves_out_spans_with_bad_link_ids_and_a_group_that_does_not_parse() -> None:
+    """span_groups parses all groups in one step; a group that does not parse is read span by span, the
+    others as they are, and a span whose link has a cut span id is left out."""
+    owner = Recorder()
+    request = make_request(traces=1, spans_per_trace=3)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    spans[1].links.add(trace_id=bytes(range(16)), span_id=bytes(range(8)))
+    spans[2].links.add(trace_id=bytes(range(16)), span_id=b"\x01")
+    owner.buffer.add_spans(decode_protobuf(request.SerializeToString()))
+    trace = owner.buffer.traces[spans[0].trace_id]
+    ((scope, _),) = trace.runs()
+    other = owner.buffer.intern_scope(
+        scope.resource, frame(0x0A, InstrumentationScope(name="b").SerializeToString())
+    )
+    assert other is not None and other is not scope
+    good = spans[0].SerializeToString()
+    trace.items += (other, frame_run([good]) + b"\x12\x05abc")  # a whole span, then a cut entry
+    groups, invalid = trace.span_groups()
+    assert invalid == 2
+    assert [(group_scope, count) for group_scope, _, count in groups] == [(scope, 2), (other, 1)]
+    first = ScopeSpans.FromString(groups[0][1]).spans
+    assert [span.span_id for span in first] == [spans[0].span_id, spans[1].span_id]
+    assert groups[1][1] == frame_run([good])
