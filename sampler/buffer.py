@@ -34,6 +34,8 @@ from sampler.otlp_wire import (
 
 _ZERO_TRACE_ID = bytes(16)
 _ZERO_SPAN_ID = bytes(8)
+# Kept traces' spans are checked (parsed in full) together up to this many bytes at a time.
+_CHECK_BYTES = 4 << 20
 # The tag of Span.links (field 13, length-delimited): a run without this byte has no span with links.
 _LINKS_TAG = b"\x6a"
 # Distinct values remembered per attribute key per trace; enough for any policy, bounded for memory.
@@ -197,24 +199,29 @@ class Trace:
         this trace is left out so that it cannot spoil a batch downstream (their ids were checked when
         they arrived, but spans from other members are taken as sent). `rewrite`, when given, gets each
         group's framed spans with the same spans parsed and returns the framed spans to export.
-
-        All groups are parsed in one step, as the ScopeSpans of one ResourceSpans: each parse costs upb
-        an arena, whose churn sets off its malloc_trim. A group that does not parse is read span by span.
         """
+        ((groups, invalid),) = kept_span_groups([self], [rewrite])
+        return groups, invalid
+
+    def scope_entries(self) -> list[tuple[Scope, bytes]]:
+        """The trace's framed spans joined per scope, in the order the scopes first arrived."""
         runs: dict[Scope, list[bytes]] = {}
         for scope, run in self.runs():
             runs.setdefault(scope, []).append(run)
+        return [(scope, b"".join(chunks)) for scope, chunks in runs.items()]
+
+    def checked_groups(
+        self,
+        entries_by_scope: list[tuple[Scope, bytes]],
+        parsed: Sequence[ScopeSpans] | None,
+        rewrite: RewriteRun | None,
+    ) -> tuple[list[SpanGroup], int]:
+        """span_groups from the trace's `scope_entries`, each parsed already (`parsed`, in the same order)
+        or, for None, parsed here group by group; a group that does not parse is read span by span."""
         trace_id = self.trace_id
-        joined = [b"".join(chunks) for chunks in runs.values()]
-        try:
-            parsed: Sequence[ScopeSpans] | None = ResourceSpans.FromString(
-                b"".join([frame(TAG_SCOPE_SPANS, entries) for entries in joined])
-            ).scope_spans
-        except DecodeError:
-            parsed = None  # some group does not parse: each is parsed on its own
         groups: list[SpanGroup] = []
         invalid = 0
-        for index, (scope, entries) in enumerate(zip(runs, joined, strict=True)):
+        for index, (scope, entries) in enumerate(entries_by_scope):
             spans = _scope_spans(entries) if parsed is None else parsed[index].spans
             # Without the links tag anywhere in the group, no span has links (reading an absent
             # repeated field would build a stub with an upb arena of its own).
@@ -235,6 +242,52 @@ class Trace:
                     entries = rewrite(entries, spans)
                 groups.append((scope, entries, len(spans)))
         return groups, invalid
+
+
+def kept_span_groups(
+    traces: Sequence[Trace], rewrites: Sequence[RewriteRun | None]
+) -> list[tuple[list[SpanGroup], int]]:
+    """Trace.span_groups of each of `traces` (kept together), with its own rewrite.
+
+    The groups of many traces, up to _CHECK_BYTES of spans, are parsed in one step, as the ScopeSpans of
+    one ResourceSpans: each parse costs upb an arena, and upb calls malloc_trim(0) every 10,000 arena
+    frees, which with a large heap takes milliseconds and refaults the pages it released. When some group
+    does not parse, each trace of that step parses its own groups.
+    """
+    results: list[tuple[list[SpanGroup], int]] = []
+    start = 0
+    while start < len(traces):
+        end, size = start, 0
+        while end < len(traces) and (end == start or size + traces[end].nbytes <= _CHECK_BYTES):
+            size += traces[end].nbytes
+            end += 1
+        results += _checked_together(traces[start:end], rewrites[start:end])
+        start = end
+    return results
+
+
+def _checked_together(
+    traces: Sequence[Trace], rewrites: Sequence[RewriteRun | None]
+) -> list[tuple[list[SpanGroup], int]]:
+    entries = [trace.scope_entries() for trace in traces]
+    parsed: Sequence[ScopeSpans] | None = None
+    try:
+        parsed = ResourceSpans.FromString(
+            b"".join([frame(TAG_SCOPE_SPANS, group) for groups in entries for _, group in groups])
+        ).scope_spans
+    except DecodeError:
+        if len(traces) > 1:
+            return [
+                _checked_together([trace], [rewrite])[0]
+                for trace, rewrite in zip(traces, rewrites, strict=True)
+            ]
+    results: list[tuple[list[SpanGroup], int]] = []
+    start = 0
+    for trace, groups, rewrite in zip(traces, entries, rewrites, strict=True):
+        end = start + len(groups)
+        results.append(trace.checked_groups(groups, None if parsed is None else parsed[start:end], rewrite))
+        start = end
+    return results
 
 
 def _runs(items: list[bytes | Scope]) -> list[tuple[Scope, bytes]]:

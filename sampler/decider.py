@@ -15,7 +15,16 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from policies.base import Decision, Policy, TraceView, Weighted
 from policies.combine import deciding_policy
 from sampler.adjusted import MAX_ADJUSTED_COUNT, AdjustedCounts, AttributeLimits
-from sampler.buffer import DecisionCache, IngestResult, Kept, LateSpan, RewriteRun, Trace, TraceBuffer
+from sampler.buffer import (
+    DecisionCache,
+    IngestResult,
+    Kept,
+    LateSpan,
+    RewriteRun,
+    Trace,
+    TraceBuffer,
+    kept_span_groups,
+)
 from sampler.config import AttributeLimitsConfig, TailSamplingConfig
 from sampler.exporters.base import Exporter
 from sampler.logthrottle import LogThrottle
@@ -165,6 +174,7 @@ class Decider:
         in_order = self._in_order
         unevaluated = reason in _UNEVALUATED
         observer = self._observer
+        kept: list[tuple[Trace, int]] = []  # with the index of the deciding policy
         for trace in traces:
             try:
                 if unevaluated:
@@ -180,7 +190,7 @@ class Decider:
             if Decision.SAMPLED in verdicts or Decision.INVERT_SAMPLED in verdicts:
                 index = _deciding_index(verdicts)
                 if index is not None:
-                    invalid_spans += self._keep(trace, index, exports)
+                    kept.append((trace, index))
                     kept_spans += trace.span_count
                     kept_traces += 1
                     if observer is not None:
@@ -190,6 +200,8 @@ class Decider:
             dropped_spans += trace.span_count
             if observer is not None:
                 observer(trace, verdicts, None)
+        if kept:
+            invalid_spans = self._keep(kept, exports)
         for trace in traces:
             trace.release()
         if reason is None:
@@ -198,20 +210,31 @@ class Decider:
             self.count_invalid(invalid_spans)
         self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_rows)
 
-    def _keep(self, trace: Trace, index: int, exports: list[Export]) -> int:
-        """Record `trace` as kept by policy `index` and hand its spans to the exporters; returns how many
-        spans were left out as invalid."""
-        kept = Kept(self.policies[index].name, self._keep_probability(index, trace))
-        self.decisions.record(trace.trace_id, kept)
+    def _keep(self, kept: list[tuple[Trace, int]], exports: list[Export]) -> int:
+        """Record each trace as kept by its policy and hand its spans to the exporters, one call per trace
+        (exporters batch and bound their queues by whole traces); returns how many spans were left out as
+        invalid. The traces' spans are checked together (kept_span_groups)."""
+        records = [
+            (trace, Kept(self.policies[index].name, self._keep_probability(index, trace)))
+            for trace, index in kept
+        ]
+        record = self.decisions.record
+        for trace, decision in records:
+            record(trace.trace_id, decision)
         if not exports:
             return 0
-        groups, invalid = trace.span_groups(self._rewrite(kept.probability))
-        if groups:
-            # One call per trace: exporters batch and bound their queues by whole traces.
-            groups = self._mark(kept.policy, groups)
-            exported = sum(count for _, _, count in groups)
-            for export in exports:
-                export(groups, exported)
+        traces = [trace for trace, _ in records]
+        rewrites = [self._rewrite(decision.probability) for _, decision in records]
+        invalid = 0
+        for (_, decision), (groups, left_out) in zip(
+            records, kept_span_groups(traces, rewrites), strict=True
+        ):
+            invalid += left_out
+            if groups:
+                groups = self._mark(decision.policy, groups)
+                exported = sum(count for _, _, count in groups)
+                for export in exports:
+                    export(groups, exported)
         return invalid
 
     def _rewrite(self, tail_probability: float) -> RewriteRun | None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
 
-from sampler.buffer import DecisionCache, Kept, LateSpan, Trace, TraceBuffer
+import sampler.buffer as buffer_module
+from sampler.buffer import DecisionCache, Kept, LateSpan, Trace, TraceBuffer, kept_span_groups
 from sampler.cluster.forward import decode_body, encode_body, encode_traces
 from sampler.config import TailSamplingConfig
 from sampler.otlp_wire import frame, frame_run
@@ -268,3 +270,22 @@ def test_a_kept_trace_leaves_out_spans_with_bad_link_ids_and_a_group_that_does_n
     first = ScopeSpans.FromString(groups[0][1]).spans
     assert [span.span_id for span in first] == [spans[0].span_id, spans[1].span_id]
     assert groups[1][1] == frame_run([good])
+
+
+@pytest.mark.parametrize("check_bytes", [1, 1 << 20])
+def test_kept_traces_checked_together_get_the_groups_each_gets_alone(
+    check_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kept_span_groups parses many traces' groups in one step (up to _CHECK_BYTES); a trace with a group
+    that does not parse does not change what the others get."""
+    owner = Recorder()
+    request = make_request(traces=4, spans_per_trace=3)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    owner.buffer.add_spans(decode_protobuf(request.SerializeToString()))
+    traces = [owner.buffer.traces[span.trace_id] for span in spans[::3]]
+    ((scope, _),) = traces[2].runs()
+    traces[2].items += (scope, b"\x12\x05abc")  # a cut entry in the third trace
+    alone = [trace.span_groups() for trace in traces]
+    assert [invalid for _, invalid in alone] == [0, 0, 1, 0]
+    monkeypatch.setattr(buffer_module, "_CHECK_BYTES", check_bytes)
+    assert kept_span_groups(traces, [None] * 4) == alone
