@@ -69,7 +69,7 @@ def main() -> None:
     spans = sum(len(batch.payloads) for body in bodies for batch in decode_protobuf(body))
     route = router(Ring([HERE, OTHER]))
 
-    def sender(buffer: TraceBuffer, body: bytes) -> list[tuple[bytes, bytes]]:
+    def sender(buffer: TraceBuffer, body: bytes) -> list[tuple[bytes, ...]]:
         result = buffer.add_spans(decode_protobuf(body), route)
         return [traces_message(traces, 1) for traces in result.foreign.values()]
 

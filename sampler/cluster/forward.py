@@ -32,7 +32,7 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, cast
 
@@ -166,11 +166,12 @@ _TRACES_KIND: bytes = msgpack.packb(TRACES)
 _BIN32 = struct.Struct(">BI")  # msgpack bin 32: marker, length
 
 
-def body_parts(messages: Iterable[Iterable[bytes]]) -> Iterator[bytes]:
+def body_parts(messages: Iterable[Iterable[bytes]]) -> list[bytes]:
     """A request body in parts: the format version, then each message's parts."""
-    yield _VERSION
-    for parts in messages:
-        yield from parts
+    parts = [_VERSION]
+    for message in messages:
+        parts += message
+    return parts
 
 
 def encode_body(messages: Iterable[bytes]) -> bytes:
@@ -1144,12 +1145,15 @@ class Forwarder:
 
     async def _post(self, state: _Peer, lane: list[_Entry]) -> None:
         """One attempt at delivering a request: _Retry or _Rejected when it was not taken."""
-        parts = list(body_parts([entry.parts for entry in lane]))
+        # The frame's length, then the body's parts (the format version, each message's parts).
+        frame = [FRAME_HEADER.pack(len(_VERSION) + sum(entry.size for entry in lane)), _VERSION]
+        for entry in lane:
+            frame += entry.parts
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(self.config.timeout):
                 connection = state.take_idle() or await _Connection.open(state.address)
-                reply = await connection.exchange(parts)
+                reply = await connection.exchange(frame)
             state.idle.append(connection)
             connection = None
         except (OSError, TimeoutError, EOFError, DecodeError) as error:  # EOFError: IncompleteReadError
@@ -1197,9 +1201,10 @@ class _Connection:
         writer.write(MAGIC)
         return cls(reader, writer)
 
-    async def exchange(self, parts: list[bytes]) -> Reply:
-        """Send a request frame of `parts` (written as they are, never joined) and read its reply."""
-        self._writer.writelines([FRAME_HEADER.pack(sum(map(len, parts))), *parts])
+    async def exchange(self, frame: list[bytes]) -> Reply:
+        """Send a request frame given in parts, its length first (written as they are, never joined), and
+        read its reply."""
+        self._writer.writelines(frame)
         await self._writer.drain()
         (size,) = FRAME_HEADER.unpack(await self._reader.readexactly(FRAME_HEADER.size))
         if size > _MAX_REPLY_BYTES:
