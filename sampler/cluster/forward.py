@@ -1145,10 +1145,9 @@ class Forwarder:
 
     async def _post(self, state: _Peer, lane: list[_Entry]) -> None:
         """One attempt at delivering a request: _Retry or _Rejected when it was not taken."""
-        # The frame's length, then the body's parts (the format version, each message's parts).
-        frame = [FRAME_HEADER.pack(len(_VERSION) + sum(entry.size for entry in lane)), _VERSION]
-        for entry in lane:
-            frame += entry.parts
+        # The frame's length, then the body's parts.
+        frame = body_parts([entry.parts for entry in lane])
+        frame.insert(0, FRAME_HEADER.pack(len(_VERSION) + sum(entry.size for entry in lane)))
         connection: _Connection | None = None
         try:
             async with asyncio.timeout(self.config.timeout):
