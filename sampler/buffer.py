@@ -222,11 +222,16 @@ class Trace:
         groups: list[SpanGroup] = []
         invalid = 0
         for index, (scope, entries) in enumerate(entries_by_scope):
-            spans = _scope_spans(entries) if parsed is None else parsed[index].spans
+            group = _scope_spans(entries) if parsed is None else parsed[index]
             # Without the links tag anywhere in the group, no span has links (reading an absent
             # repeated field would build a stub with an upb arena of its own).
             links = _LINKS_TAG in entries
-            if spans is None or not all(_exportable(span, trace_id, links) for span in spans):
+            spans: Sequence[Span] = () if group is None else group.spans
+            if (
+                group is None
+                or not _spans_only(group)
+                or not all(_exportable(span, trace_id, links) for span in spans)
+            ):
                 framed = split_framed(entries)
                 parsed_spans = [(entry, _parse_framed(entry)) for entry in framed]
                 valid = [
@@ -320,20 +325,27 @@ def _parse_items(items: list[bytes | Scope]) -> list[SpanRecord]:
     return records
 
 
-def _scope_spans(entries: bytes) -> Sequence[Span] | None:
-    """The spans of framed `ScopeSpans.spans` entries, parsed; None when they do not parse."""
+def _scope_spans(entries: bytes) -> ScopeSpans | None:
+    """Framed `ScopeSpans.spans` entries parsed as a ScopeSpans; None when they do not parse."""
     try:
-        spans: Sequence[Span] = ScopeSpans.FromString(entries).spans
+        return ScopeSpans.FromString(entries)
     except DecodeError:
         return None
-    return spans
+
+
+def _spans_only(group: ScopeSpans) -> bool:
+    """Whether a group parsed from a trace's entries holds nothing but spans. Entries of another field (a
+    peer's runs are taken as sent) parse too, as the scope or schema url, and would override the real
+    ones in the export."""
+    return not group.schema_url and not group.HasField("scope")
 
 
 def _parse_framed(framed: bytes) -> Span | None:
-    try:
-        (span,) = ScopeSpans.FromString(framed).spans
-    except DecodeError:
+    """The span of one framed entry; None unless it is exactly one span."""
+    group = _scope_spans(framed)
+    if group is None or len(group.spans) != 1 or not _spans_only(group):
         return None
+    span: Span = group.spans[0]
     return span
 
 

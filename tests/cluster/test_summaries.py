@@ -289,3 +289,24 @@ def test_kept_traces_checked_together_get_the_groups_each_gets_alone(
     assert [invalid for _, invalid in alone] == [0, 0, 1, 0]
     monkeypatch.setattr(buffer_module, "_CHECK_BYTES", check_bytes)
     assert kept_span_groups(traces, [None] * 4) == alone
+
+
+def test_entries_of_other_fields_in_a_peers_run_are_left_out_not_exported_or_fatal() -> None:
+    """A peer's runs are taken as sent. Entries of another ScopeSpans field parse too (as its scope or
+    schema url): the check of a kept trace leaves them out and counts them, instead of exporting them to
+    override the real scope, and reading such a run span by span skips them instead of failing."""
+    owner = Recorder()
+    request = make_request(traces=1, spans_per_trace=2)
+    spans = request.resource_spans[0].scope_spans[0].spans
+    owner.buffer.add_spans(decode_protobuf(request.SerializeToString()))
+    trace = owner.buffer.traces[spans[0].trace_id]
+    ((scope, run),) = trace.runs()
+    strays = b"\x0a\x00" + b"\x1a\x03abc"  # an empty scope, a schema url
+    trace.items = [scope, run + strays]
+    groups, invalid = trace.span_groups()
+    assert invalid == 2
+    assert groups == [(scope, run, 2)]
+    trace.items = [scope, run + strays + b"\x12\x05abc"]  # and a cut entry: the run does not parse
+    trace._parsed = None
+    assert [record.span.span_id for record in trace.spans()] == [span.span_id for span in spans]
+    assert trace.span_groups() == ([(scope, run, 2)], 3)
