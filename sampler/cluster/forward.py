@@ -386,6 +386,9 @@ def _decisions(value: Any) -> list[ForwardedDecision]:
         ):
             raise DecodeError("a decision group must be [bool, str, number, trace ids joined 16 bytes each]")
         probability = float(probability)
+        # A keep probability: NaN or infinity would fail the adjusted count of each late span it meets.
+        if not 0.0 <= probability <= 1.0:
+            raise DecodeError(f"a decision's probability must be from 0 to 1, not {probability!r}")
         decisions.extend(
             ForwardedDecision(ids[start : start + _TRACE_ID_BYTES], kept, policy, probability)
             for start in range(0, len(ids), _TRACE_ID_BYTES)

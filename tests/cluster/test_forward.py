@@ -4,6 +4,7 @@ arrives equals what was sent, batching, order, retries, re-routing, bounded queu
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -660,6 +661,14 @@ def _traces(scopes: Any, records: Any, run_scopes: Any, run_lengths: Any, runs: 
         pytest.param(_body(V, [2, [[True, "p", 1.0, b"short"]]]), "16 bytes each", id="decision-ids"),
         pytest.param(_body(V, [2, [[1, "p", 1.0, bytes(16)]]]), "decision group", id="decision-kept-type"),
         pytest.param(_body(V, [2, [[True, "p"]]]), "decision group", id="decision-arity"),
+        pytest.param(
+            _body(V, [2, [[True, "p", math.nan, bytes(16)]]]), "from 0 to 1, not nan", id="decision-nan"
+        ),
+        pytest.param(
+            _body(V, [2, [[True, "p", math.inf, bytes(16)]]]), "from 0 to 1, not inf", id="decision-inf"
+        ),
+        pytest.param(_body(V, [2, [[True, "p", 2, bytes(16)]]]), "not 2.0", id="decision-over-one"),
+        pytest.param(_body(V, [2, [[True, "p", -0.5, bytes(16)]]]), "not -0.5", id="decision-negative"),
         pytest.param(_INVALID_UTF8_POLICY, "malformed msgpack", id="invalid-utf8"),
         pytest.param(bytes([V]) + b"\x91" * 100_000, "malformed msgpack", id="deeply-nested"),
         pytest.param(bytes([V]) + b"\xdd\xff\xff\xff\xff", "exceeds max_array_len", id="huge-array-length"),
