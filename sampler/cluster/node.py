@@ -213,7 +213,17 @@ class ClusterNode:
                 self._forwarded.labels(owner).inc(spans)
             else:  # the forwarder is closed: shutting down
                 self._refused.inc(spans)
-                self.accept(traces, MAX_HOPS, 0)
+                self._take_back(traces, MAX_HOPS, 0)
+
+    def _take_back(self, traces: list[Trace], hops: int, ring: int) -> None:
+        """Route again, or buffer, traces this member holds already (accepted from a client or a peer, and
+        not delivered): never refused. When the ingest cannot take them now (memory pressure, the
+        write-ahead log failing), they are buffered here as they are rather than lost."""
+        try:
+            self.accept(traces, hops, ring)
+        except PeerOverloaded as overloaded:
+            log.warning("cluster: %d traces kept here as they are: %s", len(traces), overloaded)
+            self.buffer.add_traces(traces)
 
     def _on_traces(self, traces: list[Trace], hops: int, ring: int) -> None:
         self.accept(traces, hops, ring)
@@ -254,10 +264,7 @@ class ClusterNode:
             # sent and took before it left is not sent again.
             await self.forwarder.settle(peer, SETTLE_TIMEOUT)
             for message in self.forwarder.take_undelivered(peer, self.buffer.intern_scope):
-                try:
-                    self.accept(message.traces, message.hops - 1, message.ring)
-                except PeerOverloaded:
-                    self.accept(message.traces, MAX_HOPS, 0)  # kept here rather than lost
+                self._take_back(message.traces, message.hops - 1, message.ring)
             self.forwarder.forget_peer(peer)
         await self._hand_over(new, old)
 
