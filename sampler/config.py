@@ -447,10 +447,15 @@ class RedisMembershipConfig(Model):
         return self
 
 
+# The largest request a member sends another (and takes): `forward.max_batch_bytes` at most.
+MAX_BATCH_BYTES = 64 << 20
+
+
 class ForwardConfig(Model):
     """Spans sent on to the member that owns their trace: batched per peer by size and time."""
 
-    max_batch_bytes: Count = 4 << 20
+    # Messages are cut to this size too, so a request is never larger, except for one trace over it.
+    max_batch_bytes: Annotated[Count, Field(le=MAX_BATCH_BYTES)] = 4 << 20
     max_delay: PositiveSeconds = 0.02
     # Requests in flight per peer at most, a connection each. One is enough: what is queued while a
     # request is answered goes out as the next, larger, request.

@@ -98,6 +98,10 @@ def test_shipped_config_is_valid() -> None:
             "cluster: cannot be combined with workers above 1",
         ),
         (lambda c: c.update(cluster={"endpoint": "4319", "peers": ["a"]}), "cluster.endpoint"),
+        (
+            lambda c: c.update(cluster={"peers": ["a:1"], "forward": {"max_batch_bytes": (64 << 20) + 1}}),
+            "cluster.forward.max_batch_bytes",
+        ),
     ],
     ids=[
         "policy-param",
@@ -126,6 +130,7 @@ def test_shipped_config_is_valid() -> None:
         "redis-timeout",
         "cluster-and-workers",
         "cluster-endpoint",
+        "forward-batch-over-request-limit",
     ],
 )
 def test_check_config_names_the_key_path(tmp_path: Path, mutate: Any, message: str) -> None:

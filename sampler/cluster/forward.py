@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, cast
 import msgpack
 
 from sampler.buffer import Trace
-from sampler.config import ForwardConfig
+from sampler.config import MAX_BATCH_BYTES, ForwardConfig
 from sampler.errors import DecodeError, PeerOverloaded
 from sampler.logthrottle import LogThrottle
 from sampler.otlp_wire import Scope
@@ -54,9 +54,9 @@ FORMAT_VERSION = 4
 # Message kinds, the first element of each message.
 DECISIONS = 2
 TRACES = 3
-# A peer takes requests of this size at most. A request holds at most a queue's worth of messages, so
-# this is the default `forward.queue_bytes` and room for the version.
-DEFAULT_MAX_REQUEST_BYTES = ForwardConfig().queue_bytes + 16
+# A peer takes requests of this size at most. A request holds a batch at most (`forward.max_batch_bytes`,
+# itself at most MAX_BATCH_BYTES), or one message over it: a single trace larger than a batch.
+DEFAULT_MAX_REQUEST_BYTES = MAX_BATCH_BYTES + 16
 # One record per trace (Trace.summary): trace id, span count, spans with a status code, status code bits,
 # earliest start, latest end, root seen; then how many runs of spans it has.
 TRACE_RECORD = struct.Struct("<16sIIIQQ?I")
@@ -68,6 +68,8 @@ _ERROR_SNIPPET = 200
 _READ_BYTES = 256 * 1024
 _KEEP_BYTES = 8 << 20
 _MAX_REPLY_BYTES = 64 * 1024
+# What a decision costs in a DECISIONS message at most: its trace id, and its group's share.
+_DECISION_BYTES = 128
 # Backoff jitter as in the exporters' retries: each wait is the interval ±50%.
 JITTER = 0.5
 
@@ -848,7 +850,20 @@ class Forwarder:
             return True
         if self._closed or (not force and self._refusing(peer)):
             return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, _Entry(TRACES, traces_message(traces, hops, ring), spans, 0, 0.0), force)
+        return self._enqueue(peer, self._traces_entries(traces, spans, hops, ring), force)
+
+    def _traces_entries(self, traces: Sequence[Trace], spans: int, hops: int, ring: int) -> list[_Entry]:
+        """`traces` as TRACES messages of at most `max_batch_bytes` each (a larger trace alone), so that
+        no request is larger than a batch and the peer takes it: a handover or a large client request
+        is cut in halves until its messages fit."""
+        entry = _Entry(TRACES, traces_message(traces, hops, ring), spans, 0, 0.0)
+        if entry.size <= self.config.max_batch_bytes or len(traces) == 1:
+            return [entry]
+        half = len(traces) // 2
+        return [
+            *self._traces_entries(traces[:half], _span_count(traces[:half]), hops, ring),
+            *self._traces_entries(traces[half:], _span_count(traces[half:]), hops, ring),
+        ]
 
     def full(self, peer: str) -> bool:
         """Whether `peer`'s queue is full (or the forwarder closed): traces for it would be refused."""
@@ -860,7 +875,13 @@ class Forwarder:
             return True
         if self._refusing(peer):
             return self._refuse(peer, 0, len(decisions))
-        return self._enqueue(peer, _Entry(DECISIONS, (encode_decisions(decisions),), 0, len(decisions), 0.0))
+        # A handover's decisions in messages of at most a batch each (an id takes 16 bytes and its group's
+        # policy and probability a few more).
+        step = max(1, self.config.max_batch_bytes // _DECISION_BYTES)
+        chunks = [decisions[start : start + step] for start in range(0, len(decisions), step)]
+        return self._enqueue(
+            peer, [_Entry(DECISIONS, (encode_decisions(chunk),), 0, len(chunk), 0.0) for chunk in chunks]
+        )
 
     def pending(self, peer: str) -> Pending:
         state = self._peers.get(peer)
@@ -989,19 +1010,23 @@ class Forwarder:
         state = self._peers.get(peer)
         return self._closed or (state is not None and state.bytes >= self.config.queue_bytes)
 
-    def _enqueue(self, peer: str, entry: _Entry, force: bool = False) -> bool:
+    def _enqueue(self, peer: str, entries: list[_Entry], force: bool = False) -> bool:
+        """Queue `entries` for `peer`, all or (when its queue has no room for them all) none."""
         state = self._peers.get(peer)
         if state is None:
             state = self._peers[peer] = _Peer(peer)
-        size = entry.size
+        size = sum(entry.size for entry in entries)
         if state.bytes + size > self.config.queue_bytes and not force:
-            return self._refuse(peer, entry.spans, entry.decisions)
-        entry.queued_at = asyncio.get_running_loop().time()
-        state.queue.append(entry)
+            spans = sum(entry.spans for entry in entries)
+            return self._refuse(peer, spans, sum(entry.decisions for entry in entries))
+        now = asyncio.get_running_loop().time()
+        for entry in entries:
+            entry.queued_at = now
+        state.queue.extend(entries)
         state.bytes += size
         state.unsent_bytes += size
         # The sender waits for the first message, then for a full batch or the delay.
-        if len(state.queue) == 1 or state.unsent_bytes >= self.config.max_batch_bytes:
+        if len(state.queue) == len(entries) or state.unsent_bytes >= self.config.max_batch_bytes:
             state.wake.set()
         if not state.senders:
             self._start_sender(state)

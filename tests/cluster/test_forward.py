@@ -295,6 +295,32 @@ async def test_decisions_and_traces_round_trip(peer: Peer, make_forwarder: Forwa
     assert forwarder.peer_stats(peer.address).decisions == len(DECISIONS)
 
 
+async def test_traces_and_decisions_over_a_batch_go_in_messages_the_peer_takes(
+    peer: Peer, make_forwarder: ForwarderFactory
+) -> None:
+    """A handover (or a large request) queued at once: cut into messages of a batch at most, it arrives
+    whole at a peer that takes requests of 256 KiB at most, instead of being refused (413) for good."""
+    forwarder = make_forwarder(max_batch_bytes=64 * 1024)
+    traces = summarize(make_request(traces=2000, spans_per_trace=5).SerializeToString())
+    assert sum(trace.nbytes for trace in traces) > 2 * 256 * 1024  # over the peer's limit, as one message
+    many = [
+        ForwardedDecision(bytes([n % 256, n // 256]) * 8, n % 2 == 0, f"p{n % 3}", 0.5) for n in range(40_000)
+    ]
+    assert forwarder.send_traces(peer.address, traces, hops=4, force=True)
+    assert forwarder.send_decisions(peer.address, many)
+    pending = forwarder.pending(peer.address)
+    assert pending.messages > 16 and pending.spans == 10_000 and pending.decisions == len(many)
+    assert await forwarder.flush(10.0)
+    stats = forwarder.peer_stats(peer.address)
+    assert (stats.spans, stats.rejected_spans) == (10_000, 0)
+    assert (stats.decisions, stats.rejected_decisions) == (40_000, 0)
+    assert peer.server.stats.malformed == 0
+    # Every trace once, in the order queued.
+    assert [trace.trace_id for traces, _ in peer.received for trace in traces] == [t.trace_id for t in traces]
+    assert {hops for _, hops in peer.received} == {4}
+    assert sorted(peer.decisions) == sorted(many)
+
+
 def test_traces_travel_as_a_header_and_their_runs_and_decisions_need_whole_ids() -> None:
     traces = summarize(make_request(2, 3).SerializeToString())
     message = msgpack.unpackb(encode_traces(traces, hops=0))
@@ -438,9 +464,11 @@ async def test_take_undelivered_returns_all_traces_of_a_peer_that_never_came_up(
     stats = forwarder.peer_stats(address)
     await wait_for(lambda: stats.failures >= 1 and forwarder.pending(address).in_flight, timeout=5.0)
     undelivered = forwarder.take_undelivered(address)
-    expected = [(views(traces), number) for number, traces in enumerate(sent[:5])]
-    expected.append((views(sent[5] + sample_traces()), 9))
-    assert [(views(message.traces), message.hops) for message in undelivered] == expected
+    # Trace by trace, with its hops: the last send is over a batch, so it went as several messages.
+    expected = [(view, number) for number, traces in enumerate(sent[:5]) for view in views(traces)]
+    expected += [(view, 9) for view in views(sent[5] + sample_traces())]
+    assert [(view, message.hops) for message in undelivered for view in views(message.traces)] == expected
+    assert len(undelivered) > 6
     # The decisions stay queued for the peer until it is forgotten.
     pending = forwarder.pending(address)
     assert (pending.spans, pending.decisions, pending.messages) == (0, len(DECISIONS), 1)
@@ -454,7 +482,7 @@ async def test_take_undelivered_returns_all_traces_of_a_peer_that_never_came_up(
         for message in undelivered:
             assert forwarder.send_traces(receiver.address, message.traces, message.hops)
         assert await forwarder.flush(5.0)
-        assert [(views(traces), hops) for traces, hops in receiver.received] == expected
+        assert [(view, hops) for traces, hops in receiver.received for view in views(traces)] == expected
     finally:
         await receiver.server.stop()
 
