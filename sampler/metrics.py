@@ -264,7 +264,7 @@ class Metrics:
         )
         self.wal_write_errors = Counter(
             "tailgate_wal_write_errors",
-            "Failed writes or fsyncs of the write-ahead log (the requests concerned were refused with 503).",
+            "Failed writes (their requests were refused with 503) or fsyncs of the write-ahead log.",
             registry=r,
         )
 

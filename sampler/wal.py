@@ -39,7 +39,9 @@ from sampler.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # A record: MAGIC, the length of what follows the header, the CRC32 of it, the kind and the seq; then the
-# body. After a damaged record a scan resumes at the next MAGIC.
+# body. A record whose body the file cuts off is a torn tail: nothing follows it. After a record whose
+# CRC does not match, reading goes on where its length says it ends; only where no record starts there is
+# the data scanned for the next MAGIC (never inside a body the header delimits: bodies are client data).
 MAGIC = b"TGw\x01"
 HEADER = struct.Struct(">4sIIBQ")
 _CHECKED = struct.Struct(">BQ")  # the part of the header the CRC covers, before the body
@@ -51,7 +53,11 @@ CHECKPOINT_NAME = "checkpoint"
 _CHECKPOINT = struct.Struct(">QI")  # seq, CRC32 of the seq
 # fsync: batch syncs what was written at most this often.
 BATCH_FSYNC_INTERVAL = 0.1
+# After an fsync could not be tried (no file descriptor left), it is tried again this much later.
+SYNC_RETRY_INTERVAL = 0.05
 _TRACE_ID = 16
+# A seq at or over this is damage, not a record (a numbering that starts at 0 never gets there).
+_MAX_SEQ = 1 << 62
 
 
 class WALError(TailgateError):
@@ -85,22 +91,29 @@ def _records(data: bytes) -> Iterator[tuple[int, int, bytes] | None]:
     end = len(data)
     memory = memoryview(data)
     while offset < end:
-        record = None
+        resume = -1  # where reading goes on after a damaged record; -1: scan for the next MAGIC
         if end - offset >= HEADER.size:
             magic, length, crc, kind, seq = HEADER.unpack_from(data, offset)
             body_end = offset + HEADER.size + length - _CHECKED.size
-            if magic == MAGIC and length >= _CHECKED.size and body_end <= end:
+            if magic == MAGIC and length >= _CHECKED.size:
+                if body_end > end:
+                    yield None  # a torn tail
+                    return
                 body = memory[offset + HEADER.size : body_end]
-                if zlib.crc32(body, zlib.crc32(_CHECKED.pack(kind, seq))) == crc:
-                    record = (kind, seq, bytes(body))
+                if zlib.crc32(body, zlib.crc32(_CHECKED.pack(kind, seq))) == crc and seq < _MAX_SEQ:
+                    yield kind, seq, bytes(body)
                     offset = body_end
-        if record is None:
-            yield None
-            offset = data.find(MAGIC, offset + 1)
-            if offset < 0:
-                return
-            continue
-        yield record
+                    continue
+                resume = body_end
+        elif data.startswith(MAGIC[: end - offset], offset):
+            yield None  # a torn header at the tail
+            return
+        yield None
+        if resume < 0 or not data.startswith(MAGIC, resume):
+            resume = data.find(MAGIC, max(resume, offset + 1))
+        if resume < 0:
+            return
+        offset = resume
 
 
 def encode_decisions(decisions: Sequence[tuple[bytes, Kept | None]]) -> bytes:
@@ -239,6 +252,9 @@ class WriteAheadLog:
                     segment.kept.extend(trace_id for trace_id, how in decided if how is not None)
             self._segments.append(segment)
             self.bytes += segment.size
+        # After a clean shutdown no segment is left: the numbering goes on from the checkpoint, or requests
+        # of this run would number below it and not be replayed after a crash.
+        self.next_seq = max(self.next_seq, self.checkpoint)
         if replay.corrupt:
             log.warning("%s: skipped %d damaged or truncated records", self.directory, replay.corrupt)
         return replay
@@ -269,9 +285,10 @@ class WriteAheadLog:
 
     def _write_decisions(self) -> None:
         decided = list(self._journal)
-        self._journal.clear()
         seq = self.next_seq - 1
         self._write(DECISIONS, seq, encode_decisions(decided))
+        # Only once written: after a failed write they are written with the next record.
+        del self._journal[: len(decided)]
         assert self._active is not None
         self._active.kept.extend(trace_id for trace_id, how in decided if how is not None)
 
@@ -329,7 +346,8 @@ class WriteAheadLog:
     # -- syncing ------------------------------------------------------------------------------------------
 
     async def synced(self, seq: int) -> None:
-        """With `fsync: always`, return once the record `seq` is on disk; at once otherwise."""
+        """With `fsync: always`, return once the record `seq` is on disk; at once otherwise. WALError when
+        the fsync failed (the record was written: see Ingest.committed)."""
         if self.config.fsync != "always" or seq <= self._synced_seq or not self._tasks:
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -342,18 +360,28 @@ class WriteAheadLog:
         while True:
             await self._written.wait()
             self._written.clear()
-            await self._sync_once()
-            if interval:
+            if not await self._sync_once():
+                self._written.set()  # tried again after a pause
+                await asyncio.sleep(SYNC_RETRY_INTERVAL)
+            elif interval:
                 await asyncio.sleep(interval)
 
-    async def _sync_once(self) -> None:
+    async def _sync_once(self) -> bool:
+        """One fsync of what was written; False when it could not be tried now (no file descriptor left to
+        duplicate the segment's with)."""
         through = self.next_seq - 1
         fds = self._unsynced
         self._unsynced = []
-        if self._active is not None:
-            fds.append(os.dup(self._active.fd))
-        if self._dir_fd >= 0:
-            fds.append(os.dup(self._dir_fd))
+        try:
+            # Duplicates, closed by fsync_all: the segment may be closed for writing meanwhile.
+            if self._active is not None:
+                fds.append(os.dup(self._active.fd))
+            if self._dir_fd >= 0:
+                fds.append(os.dup(self._dir_fd))
+        except OSError as error:
+            self._unsynced = fds + self._unsynced
+            log.warning("cannot fsync the write-ahead log in %s now: %s", self.directory, error.strerror)
+            return False
         try:
             await asyncio.to_thread(fsync_all, fds)
         except OSError as error:
@@ -363,7 +391,7 @@ class WriteAheadLog:
                 if not waiter.done():
                     waiter.set_exception(WALError(f"cannot fsync the write-ahead log: {error.strerror}"))
             self._sync_waiters.clear()
-            return
+            return True
         self._synced_seq = max(self._synced_seq, through)
         waiting = []
         for seq, waiter in self._sync_waiters:
@@ -373,6 +401,7 @@ class WriteAheadLog:
             else:
                 waiting.append((seq, waiter))
         self._sync_waiters = waiting
+        return True
 
     # -- checkpoints --------------------------------------------------------------------------------------
 

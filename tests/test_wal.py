@@ -4,11 +4,15 @@ compacted and emptied; a log that cannot be written refuses requests instead of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import random
+import resource
 import signal
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +29,23 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExportResult
 from opentelemetry.trace import StatusCode
 
+import sampler.wal
 from sampler.app import Gateway
 from sampler.buffer import DecisionCache, Kept, TraceBuffer
 from sampler.config import TailSamplingConfig, WALConfig
 from sampler.metrics import Metrics
-from sampler.wal import WriteAheadLog, decode_decisions, encode_decisions
+from sampler.receivers.common import Ingest
+from sampler.receivers.otlp_decode import decode_protobuf
+from sampler.wal import (
+    _CHECKED,
+    HEADER,
+    MAGIC,
+    REQUEST,
+    WALError,
+    WriteAheadLog,
+    decode_decisions,
+    encode_decisions,
+)
 from tests.conftest import Downstream as ConftestDownstream
 from tests.conftest import GatewayFactory, free_port, gateway_config, metric, receiver_url, wait_for
 from tests.exporters.helpers import Downstream
@@ -297,6 +313,165 @@ async def test_a_torn_or_damaged_record_is_skipped_and_the_rest_replayed(tmp_pat
     assert again.append_request(bodies[1]) == 4
     crash(again)
     assert restored.lookup(b"\x01" * 16) is None  # replay_decisions puts them in (tested end to end)
+
+
+def forged_record(seq: int, body: bytes) -> bytes:
+    """A sound record, as a client could hide one in a span attribute."""
+    crc = zlib.crc32(body, zlib.crc32(_CHECKED.pack(REQUEST, seq)))
+    return HEADER.pack(MAGIC, len(body) + _CHECKED.size, crc, REQUEST, seq) + body
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped"])
+async def test_a_record_hidden_in_client_data_is_never_replayed(tmp_path: Path, damage: str) -> None:
+    """Client bytes inside a damaged record are not searched for records: a record forged there (here
+    with a seq that would overflow the numbering) is skipped with the record around it."""
+    wal, _ = new_log(tmp_path)
+    await wal.open()
+    first = request_of(1).SerializeToString()
+    wal.append_request(first)
+    evil = request_of(2)
+    fake = forged_record((1 << 64) - 2, request_of(3).SerializeToString())
+    evil.resource_spans[0].scope_spans[0].spans[0].attributes.add(key="x").value.bytes_value = fake + bytes(
+        64
+    )
+    wal.append_request(evil.SerializeToString())
+    last = request_of(4).SerializeToString()
+    wal.append_request(last)
+    crash(wal)
+    (segment,) = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    evil_start = data.find(MAGIC, 1)
+    if damage == "torn":  # the crash cut the second record inside its body, after the forged one
+        data = data[: data.find(fake) + len(fake) + 10]
+    else:  # a flipped bit in the second record's body
+        data[data.find(fake) - 3] ^= 0x01
+    segment.write_bytes(bytes(data))
+    assert data.find(fake) > evil_start
+
+    again, _ = new_log(tmp_path)
+    replay = await again.open()
+    expected = [(0, first)] if damage == "torn" else [(0, first), (2, last)]
+    assert replay.requests == expected
+    assert replay.corrupt == 1
+    assert again.next_seq == expected[-1][0] + 1
+    assert again.append_request(first) == expected[-1][0] + 1
+    crash(again)
+
+
+async def test_numbering_goes_on_after_a_clean_shutdown_so_a_later_crash_replays(tmp_path: Path) -> None:
+    wal, _ = new_log(tmp_path)
+    await wal.open()
+    bodies = [request_of(number).SerializeToString() for number in range(1, 4)]
+    for body in bodies:
+        wal.append_request(body)
+    await wal.close()  # everything decided and exported: the log is emptied, the checkpoint is 3
+    assert segments(tmp_path) == []
+
+    again, _ = new_log(tmp_path)
+    assert (await again.open()).requests == []
+    assert (again.checkpoint, again.next_seq) == (3, 3)
+    assert again.append_request(bodies[0]) == 3
+    crash(again)  # accepted in this run, then kill -9
+
+    third, _ = new_log(tmp_path)
+    assert (await third.open()).requests == [(3, bodies[0])]
+    crash(third)
+
+
+async def test_decisions_whose_record_could_not_be_written_are_written_with_the_next(tmp_path: Path) -> None:
+    wal, decisions = new_log(tmp_path)
+    await wal.open()
+    body = request_of(1).SerializeToString()
+    wal.append_request(body)
+    decisions.record(b"\x01" * 16, Kept("errors", 1.0))
+    assert wal._active is not None
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, wal._active.fd)  # the disk is full for this segment
+    os.close(full)
+    with pytest.raises(WALError, match="cannot write"):
+        wal.append_request(body)  # the decisions record is written first, and fails
+    assert wal.append_request(body) == 1  # a new segment: the decisions, then the request
+    crash(wal)
+
+    again, _ = new_log(tmp_path)
+    replay = await again.open()
+    assert replay.decisions == [(b"\x01" * 16, Kept("errors", 1.0))]
+    assert [seq for seq, _ in replay.requests] == [0, 1]
+    crash(again)
+
+
+def synced_log(directory: Path) -> tuple[WriteAheadLog, TraceBuffer, Ingest, Metrics]:
+    """A log with `fsync: always` and the ingest of a receiver writing to it."""
+    decisions = DecisionCache(100, 100)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, lambda: 0.0)
+    buffer.connect(lambda traces, reason: None, lambda late: None)
+    metrics = Metrics()
+    config = WALConfig(directory=str(directory), fsync="always")
+    wal = WriteAheadLog(config, metrics, buffer, decisions, [])
+    return wal, buffer, Ingest("otlp_http", buffer, metrics, lambda result: None, wal=wal), metrics
+
+
+async def accept(ingest: Ingest, number: int) -> None:
+    body = request_of(number).SerializeToString()
+    result = ingest.add(decode_protobuf(body), body)
+    await asyncio.wait_for(ingest.committed(result), timeout=5)
+
+
+async def test_running_out_of_file_descriptors_for_a_moment_does_not_stop_the_syncing(tmp_path: Path) -> None:
+    wal, buffer, ingest, _ = synced_log(tmp_path)
+    await wal.open()
+    wal.start()
+    await accept(ingest, 1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hog: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                hog.append(os.open("/dev/null", os.O_RDONLY))
+        os.close(hog.pop())  # room for the request's write, none for the syncer's duplicates
+        body = request_of(2).SerializeToString()
+        waiting = asyncio.ensure_future(ingest.committed(ingest.add(decode_protobuf(body), body)))
+        await asyncio.sleep(0.2)  # the syncer tried meanwhile
+        assert not waiting.done()
+    finally:
+        for fd in hog:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await asyncio.wait_for(waiting, timeout=5)  # synced once descriptors are free again
+    await accept(ingest, 3)
+    assert buffer.span_count == 12
+    await wal.close()
+
+
+async def test_a_failed_fsync_answers_the_request_as_accepted_so_it_is_not_sent_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request was logged and buffered before the fsync failed: a 503 would have its client send it
+    again, and its spans buffered and exported twice."""
+    wal, buffer, ingest, metrics = synced_log(tmp_path)
+    await wal.open()
+    wal.start()
+    fsync_all = sampler.wal.fsync_all
+
+    def failing_once(fds: list[int]) -> None:  # the disk fails one fsync (EIO)
+        monkeypatch.setattr(sampler.wal, "fsync_all", fsync_all)
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sampler.wal, "fsync_all", failing_once)
+    await accept(ingest, 1)  # answered, not refused
+    await accept(ingest, 2)
+    assert buffer.span_count == 8
+    assert metrics.registry.get_sample_value("tailgate_wal_write_errors_total") == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "tailgate_receiver_spans_total", {"protocol": "otlp_http", "outcome": "accepted"}
+        )
+        == 8
+    )
+    await wal.close()
 
 
 def test_decision_records_round_trip() -> None:

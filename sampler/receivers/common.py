@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -155,12 +156,12 @@ class Ingest:
 
     async def committed(self, result: IngestResult) -> None:
         """Return once the request is as durable as configured (`wal.fsync: always`: on disk); its client
-        may be answered then. Unavailable when the log could not be synced."""
+        may be answered then. When the fsync fails (the log counts and logs it), the request is answered as
+        accepted all the same: it was logged and buffered already, and a 503 would have its client send it
+        again, its spans exported twice. Requests the log cannot write are refused before buffering."""
         if self.wal is not None:
-            try:
+            with contextlib.suppress(WALError):
                 await self.wal.synced(result.seq)
-            except WALError as error:
-                raise Unavailable(str(error), WAL_RETRY_AFTER) from None
 
     def refuse(self, reason: str) -> None:
         """Count a request refused as a whole (malformed, too large, unsupported, ...)."""
