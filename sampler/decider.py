@@ -43,6 +43,8 @@ _MAX_POLICY_SCOPES = 10_000
 # policy that kept it (None: dropped); `tailgate simulate` tallies decisions through it.
 DecisionObserver = Callable[[Trace, Sequence[Decision | None], int | None], None]
 KeepProbability = Callable[[TraceView], float]
+# A policy's evaluation; None when it failed (evaluated guarded).
+Evaluate = Callable[[Trace, float], Decision | None]
 Export = Callable[[list[SpanGroup], int], None]
 
 
@@ -99,6 +101,7 @@ class Decider:
         """Evaluate `policies` from the next decision on, in the order these options give."""
         self.policies = list(policies)
         self._evaluators = [policy.evaluate for policy in self.policies]
+        self._guarded = [partial(self._evaluate_guarded, policy) for policy in self.policies]
         # As the Collector: drop policies are evaluated first, and a drop ends the evaluation.
         self._drop_first = [i for i, policy in enumerate(self.policies) if _is_drop(policy)]
         self._others = [i for i in range(len(self.policies)) if i not in self._drop_first]
@@ -184,7 +187,11 @@ class Decider:
                 else:
                     verdicts = [evaluate(trace, now) for evaluate in evaluators]
             except Exception:
-                verdicts = self._evaluate_guarded(trace, now)
+                # Again, each policy guarded: in the same order, with the same early ends.
+                if in_order:
+                    verdicts = self._evaluate_in_order(trace, now, self._guarded)
+                else:
+                    verdicts = [evaluate(trace, now) for evaluate in self._guarded]
             verdict_rows.append(verdicts)
             # Most traces have no keeping verdict at all: a C-level membership test rules that out.
             if Decision.SAMPLED in verdicts or Decision.INVERT_SAMPLED in verdicts:
@@ -270,36 +277,37 @@ class Decider:
             return 1.0
         return max(probability, 1 / MAX_ADJUSTED_COUNT)
 
-    def _evaluate_in_order(self, trace: Trace, now: float) -> list[Decision | None]:
+    def _evaluate_in_order(
+        self, trace: Trace, now: float, evaluators: Sequence[Evaluate] | None = None
+    ) -> list[Decision | None]:
         """Drop policies first (a drop ends it), then the others in order; with sample_on_first_match the
         first that samples ends it. Policies not evaluated get None."""
-        verdicts: list[Decision | None] = [None] * len(self._evaluators)
+        if evaluators is None:
+            evaluators = self._evaluators
+        verdicts: list[Decision | None] = [None] * len(evaluators)
         for index in self._drop_first:
-            verdict = verdicts[index] = self._evaluators[index](trace, now)
+            verdict = verdicts[index] = evaluators[index](trace, now)
             if verdict is Decision.DROPPED:
                 return verdicts
         first_match = self._sample_on_first_match
         for index in self._others:
-            verdict = verdicts[index] = self._evaluators[index](trace, now)
+            verdict = verdicts[index] = evaluators[index](trace, now)
             if first_match and verdict is Decision.SAMPLED:
                 break
         return verdicts
 
-    def _evaluate_guarded(self, trace: Trace, now: float) -> list[Decision | None]:
-        """Evaluate policy by policy; a failing one (a faulty plugin, say) gets None and is logged.
+    def _evaluate_guarded(self, policy: Policy, trace: Trace, now: float) -> Decision | None:
+        """One policy's verdict; None, logged and counted, when it fails (a faulty plugin, say).
 
-        As in the OTel Collector, a policy error does not stop the other policies. Only reached when an
+        As in the OTel Collector, a policy error does not stop the other policies. Only used once an
         evaluation raised, so the policies evaluated before the failure are evaluated again.
         """
-        verdicts: list[Decision | None] = []
-        for policy in self.policies:
-            try:
-                verdicts.append(policy.evaluate(trace, now))
-            except Exception:
-                log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
-                self.metrics.policy_decisions.labels(policy.name, "error").inc()
-                verdicts.append(None)
-        return verdicts
+        try:
+            return policy.evaluate(trace, now)
+        except Exception:
+            log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
+            self.metrics.policy_decisions.labels(policy.name, "error").inc()
+            return None
 
     def _count(
         self,

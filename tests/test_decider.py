@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from policies.base import Decision, TraceView
+from sampler.buffer import DecisionCache, TraceBuffer
+from sampler.config import TailSamplingConfig
+from sampler.decider import Decider
+from sampler.metrics import Metrics
+from sampler.receivers.otlp_decode import decode_protobuf
+from sampler.simulate import SimulatedClock
 from tests.conftest import Downstream, GatewayFactory, gateway_config, metric, receiver_url, wait_for
 from tests.otlp_data import PROTOBUF, make_request, post, send
+from tests.test_pressure import RecordingExporter, request_for
 
 
 def request_spans(request: ExportTraceServiceRequest) -> int:
@@ -67,3 +76,51 @@ async def test_span_counts_add_up_with_invalid_spans(
     assert (accepted, decided, late_kept) == (5, 4, 1)
     assert metric(gateway, "tailgate_invalid_spans_total") == 2  # of those, not forwarded
     await wait_for(lambda: len(downstream.spans()) == 3)
+
+
+class Fixed:
+    """A policy with one verdict for every trace, counting its calls; with None it raises (a faulty
+    plugin)."""
+
+    attribute_keys: frozenset[str] = frozenset()
+
+    def __init__(self, name: str, verdict: Decision | None) -> None:
+        self.name = name
+        self.verdict = verdict
+        self.calls = 0
+
+    def evaluate(self, trace: TraceView, now: float) -> Decision:
+        self.calls += 1
+        if self.verdict is None:
+            raise RuntimeError("a bug in a plugin")
+        return self.verdict
+
+
+@pytest.mark.parametrize("first", [Decision.NOT_SAMPLED, None], ids=["first-works", "first-fails"])
+def test_a_failing_policy_leaves_the_order_and_the_first_match_as_they_are(first: Decision | None) -> None:
+    """With sample_on_first_match the first policy that samples decides, whether or not an earlier one
+    failed: a later one is not evaluated (it would drop this trace, and a rate limit would spend its
+    budget)."""
+    policies = [
+        Fixed("flaky", first),
+        Fixed("keep-all", Decision.SAMPLED),
+        Fixed("inverted", Decision.INVERT_NOT_SAMPLED),
+    ]
+    clock = SimulatedClock()
+    decisions = DecisionCache(10, 10)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, clock)
+    exporter = RecordingExporter()
+    metrics = Metrics()
+    decider = Decider(
+        buffer, policies, [exporter], decisions, metrics, clock, 0.05, True, sample_on_first_match=True
+    )
+    buffer.connect(decider.decide_safely, decider.forward_late)
+    buffer.add_spans(decode_protobuf(request_for([b"\x07" * 16], 2).SerializeToString()))
+    clock.now += 100
+    decider.decide(buffer.pop_due(clock.now, 10))
+    assert sum(count for _, _, count in exporter.groups) == 2
+    assert [policy.calls for policy in policies][1:] == [1, 0]
+    errors = metrics.registry.get_sample_value(
+        "tailgate_policy_decisions_total", {"policy": "flaky", "decision": "error"}
+    )
+    assert errors == (1 if first is None else None)
