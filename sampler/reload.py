@@ -20,8 +20,20 @@ from sampler.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Built once at start: listeners, exporter connections and queues, the memory monitor, cache tables.
-RESTART_ONLY = ("receivers", "exporters", "admin", "capture", "memory", "tail_sampling.decision_cache")
+# Built once at start: listeners, exporter connections and queues, the memory monitor, cache tables, the
+# write-ahead log, the worker processes and the cluster membership.
+RESTART_ONLY = (
+    "receivers",
+    "exporters",
+    "admin",
+    "capture",
+    "memory",
+    "durability",
+    "wal",
+    "workers",
+    "cluster",
+    "tail_sampling.decision_cache",
+)
 
 Fingerprint = tuple[int, int, bytes]
 
@@ -48,16 +60,8 @@ def live_config(running: Config, loaded: Config) -> tuple[Config, list[str]]:
     sampling = loaded.tail_sampling.model_copy(
         update={"decision_cache": running.tail_sampling.decision_cache}
     )
-    config = loaded.model_copy(
-        update={
-            "receivers": running.receivers,
-            "exporters": running.exporters,
-            "admin": running.admin,
-            "capture": running.capture,
-            "memory": running.memory,
-            "tail_sampling": sampling,
-        }
-    )
+    kept = {section: getattr(running, section) for section in RESTART_ONLY if "." not in section}
+    config = loaded.model_copy(update={**kept, "tail_sampling": sampling})
     return config, restart
 
 

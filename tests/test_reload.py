@@ -216,13 +216,15 @@ async def test_restart_only_changes_are_named_and_the_rest_applies(
     changed["exporters"] = {"otlp_http": {**config["exporters"]["otlp_http"], "timeout": "3s"}}
     changed["receivers"] = {"otlp": {"http": {"endpoint": f"127.0.0.1:{free_port()}"}}}
     changed["log_level"] = "warning"
+    changed["durability"] = "wal"
+    changed["wal"] = {"directory": str(tmp_path / "wal")}
     write_config(path, changed)
     with caplog.at_level(logging.WARNING, logger="sampler.app"):
         assert gateway.reloader is not None and gateway.reloader.reload()
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert warnings == [
-        "config reload: these settings need a restart to change: exporters.otlp_http.timeout, "
-        "receivers.otlp.http.endpoint, tail_sampling.decision_cache.sampled_cache_size"
+        "config reload: these settings need a restart to change: durability, exporters.otlp_http.timeout, "
+        "receivers.otlp.http.endpoint, tail_sampling.decision_cache.sampled_cache_size, wal.directory"
     ]
     assert metric(gateway, "tailgate_config_reloads_total", result="applied") == 1
     assert logging.getLogger().level == logging.WARNING
@@ -233,6 +235,7 @@ async def test_restart_only_changes_are_named_and_the_rest_applies(
     assert_complete(downstream, set(trace_ids(request)))
     assert gateway.config.exporters == parse_config(config).exporters
     assert gateway.config.tail_sampling.decision_cache.sampled_cache_size == 100_000
+    assert gateway.config.durability == "none" and gateway.wal is None
     print(f"\nwarning: {warnings[0]}")
 
 
