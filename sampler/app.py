@@ -206,6 +206,7 @@ class Gateway:
         sampling = config.tail_sampling
         self.policies = rebuild_policies(self.config.tail_sampling.policies, self.policies, sampling.policies)
         self.decider.reconfigure(self.policies, sampling)
+        self.pressure.reconfigure(sampling)
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config
 

@@ -129,6 +129,14 @@ class Decider:
                 counter.labels("shortened"),
             )
 
+    def use_settings(self, settings: TailSamplingConfig) -> None:
+        """Take the `tail_sampling` settings besides the policies and the buffer's: attribute limits, the
+        decision tick, record_policy, drop_pending_traces_on_shutdown."""
+        self.use_limits(settings.attribute_limits)
+        self.tick = settings.decision_tick
+        self.record_policy = settings.record_policy
+        self.drop_pending_on_shutdown = settings.drop_pending_traces_on_shutdown
+
     def reconfigure(self, policies: Sequence[Policy], settings: TailSamplingConfig) -> None:
         """Switch to a reloaded `tail_sampling` block (its decision cache sizes aside).
 
@@ -139,10 +147,7 @@ class Decider:
         """
         added = attribute_keys(policies) - attribute_keys(self.policies)
         self.use_policies(policies, settings.sample_on_first_match, settings.adjusted_counts)
-        self.use_limits(settings.attribute_limits)
-        self.tick = settings.decision_tick
-        self.record_policy = settings.record_policy
-        self.drop_pending_on_shutdown = settings.drop_pending_traces_on_shutdown
+        self.use_settings(settings)
         if added:
             self._stale_attributes = set(self.buffer.traces.values())
         self.buffer.reconfigure(settings, attribute_keys(policies))

@@ -17,7 +17,7 @@ from typing import Any
 from policies.base import Decision, Policy
 from policies.probabilistic import Probabilistic, ProbabilisticParams
 from sampler.buffer import DecisionCache, Trace, TraceBuffer
-from sampler.config import Config, SendingExporterConfig
+from sampler.config import Config, SendingExporterConfig, TailSamplingConfig
 from sampler.decider import Decider, DecisionObserver
 from sampler.exporters.base import Exporter
 from sampler.metrics import Metrics
@@ -67,6 +67,9 @@ class Pressure:
 
     async def stop(self) -> None:
         """Stop watching; called once receivers have stopped."""
+
+    def reconfigure(self, settings: TailSamplingConfig) -> None:
+        """Follow a reloaded `tail_sampling` block where it applies here."""
 
 
 class ExporterQueue:
@@ -189,6 +192,13 @@ class MemoryPressure(Pressure):
             self._rss_baseline / _MIB,
         )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tailgate-memory")
+
+    def reconfigure(self, settings: TailSamplingConfig) -> None:
+        """Stress relief keeps traces as the main decider does: with its attribute limits, adjusted counts
+        and record_policy."""
+        decider = self.stress_decider
+        decider.use_policies(decider.policies, False, settings.adjusted_counts)
+        decider.use_settings(settings)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -315,6 +325,7 @@ def _stress_decider(
         sampling.decision_tick,
         sampling.record_policy,
         adjusted_counts=sampling.adjusted_counts,
+        attribute_limits=sampling.attribute_limits,
         observer=observer,
     )
 

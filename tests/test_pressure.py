@@ -114,7 +114,7 @@ class Setup:
             self.send_new(2)
 
 
-def config(**relief: Any) -> Config:
+def config(sampling: dict[str, Any] | None = None, **relief: Any) -> Config:
     return parse_config(
         {
             "exporters": {"file": {"path": "unused.jsonl"}},
@@ -123,14 +123,15 @@ def config(**relief: Any) -> Config:
                 "decision_wait_after_root_received": "10s",
                 "adjusted_counts": False,
                 "policies": [{"name": "all", "type": "always_sample"}],
+                **(sampling or {}),
             },
             "memory": {"max_memory": MAX_MEMORY, "stress_relief": relief},
         }
     )
 
 
-def build(**relief: Any) -> Setup:
-    settings = config(**relief)
+def build(sampling: dict[str, Any] | None = None, **relief: Any) -> Setup:
+    settings = config(sampling, **relief)
     clock = SimulatedClock()
     metrics = Metrics()
     decisions = DecisionCache(10_000, 10_000)
@@ -210,6 +211,35 @@ def test_new_traces_under_stress_are_decided_at_once_by_the_probabilistic_hash()
     assert setup.metric("tailgate_stress_relief_traces_total", decision="kept") == len(expected)
     assert setup.metric("tailgate_stress_relief_traces_total", decision="dropped") == 300 - len(expected)
     assert STRESS_POLICY in setup.exporter.policies()
+
+
+def longest_value(groups: list[SpanGroup]) -> int:
+    return max(
+        len(kv.value.string_value)
+        for _, entries, _ in groups
+        for span in ScopeSpans.FromString(entries).spans
+        for kv in span.attributes
+    )
+
+
+def test_traces_kept_under_stress_follow_the_attribute_limits_and_adjusted_counts_also_reloaded() -> None:
+    limits = {"attribute_limits": {"max_attribute_value_length": 10}}
+    setup = build(limits, sample_percentage=100)
+    setup.fill_until_stressed()
+    exported = len(setup.exporter.groups)
+    setup.send_new(5)
+    assert longest_value(setup.exporter.groups[exported:]) == 10  # the padding of 100, cut
+
+    # A reload without limits, with adjusted counts: stress relief follows it as the main decider does.
+    reloaded = config({"adjusted_counts": True}, sample_percentage=100).tail_sampling
+    setup.decider.reconfigure(setup.decider.policies, reloaded)
+    setup.pressure.reconfigure(reloaded)
+    exported = len(setup.exporter.groups)
+    setup.send_new(5)
+    groups = setup.exporter.groups[exported:]
+    assert longest_value(groups) == 100
+    spans = [span for _, entries, _ in groups for span in ScopeSpans.FromString(entries).spans]
+    assert spans and all(span.trace_state.startswith("ot=th:") for span in spans)
 
 
 def test_late_spans_of_stress_decided_traces_follow_their_decision() -> None:
