@@ -43,8 +43,6 @@ _MAX_POLICY_SCOPES = 10_000
 # policy that kept it (None: dropped); `tailgate simulate` tallies decisions through it.
 DecisionObserver = Callable[[Trace, Sequence[Decision | None], int | None], None]
 KeepProbability = Callable[[TraceView], float]
-# A policy's evaluation; None when it failed (evaluated guarded).
-Evaluate = Callable[[Trace, float], Decision | None]
 Export = Callable[[list[SpanGroup], int], None]
 
 
@@ -101,7 +99,6 @@ class Decider:
         """Evaluate `policies` from the next decision on, in the order these options give."""
         self.policies = list(policies)
         self._evaluators = [policy.evaluate for policy in self.policies]
-        self._guarded = [partial(self._evaluate_guarded, policy) for policy in self.policies]
         # As the Collector: drop policies are evaluated first, and a drop ends the evaluation.
         self._drop_first = [i for i, policy in enumerate(self.policies) if _is_drop(policy)]
         self._others = [i for i in range(len(self.policies)) if i not in self._drop_first]
@@ -184,19 +181,12 @@ class Decider:
         observer = self._observer
         kept: list[tuple[Trace, int]] = []  # with the index of the deciding policy
         for trace in traces:
-            try:
-                if unevaluated:
-                    verdicts: list[Decision | None] = [None] * len(evaluators)
-                elif in_order:
-                    verdicts = self._evaluate_in_order(trace, now)
-                else:
-                    verdicts = [evaluate(trace, now) for evaluate in evaluators]
-            except Exception:
-                # Again, each policy guarded: in the same order, with the same early ends.
-                if in_order:
-                    verdicts = self._evaluate_in_order(trace, now, self._guarded)
-                else:
-                    verdicts = [evaluate(trace, now) for evaluate in self._guarded]
+            if unevaluated:
+                verdicts: list[Decision | None] = [None] * len(evaluators)
+            elif in_order:
+                verdicts = self._evaluate_in_order(trace, now)
+            else:
+                verdicts = self._evaluate_all(trace, now)
             verdict_rows.append(verdicts)
             # Most traces have no keeping verdict at all: a C-level membership test rules that out.
             if Decision.SAMPLED in verdicts or Decision.INVERT_SAMPLED in verdicts:
@@ -282,37 +272,46 @@ class Decider:
             return 1.0
         return max(probability, 1 / MAX_ADJUSTED_COUNT)
 
-    def _evaluate_in_order(
-        self, trace: Trace, now: float, evaluators: Sequence[Evaluate] | None = None
-    ) -> list[Decision | None]:
+    def _evaluate_all(self, trace: Trace, now: float) -> list[Decision | None]:
+        """Every policy's verdict, in order."""
+        verdicts: list[Decision | None] = []
+        for index, evaluate in enumerate(self._evaluators):
+            try:
+                verdicts.append(evaluate(trace, now))
+            except Exception:
+                self._failed(index, trace)
+                verdicts.append(None)
+        return verdicts
+
+    def _evaluate_in_order(self, trace: Trace, now: float) -> list[Decision | None]:
         """Drop policies first (a drop ends it), then the others in order; with sample_on_first_match the
         first that samples ends it. Policies not evaluated get None."""
-        if evaluators is None:
-            evaluators = self._evaluators
+        evaluators = self._evaluators
         verdicts: list[Decision | None] = [None] * len(evaluators)
         for index in self._drop_first:
-            verdict = verdicts[index] = evaluators[index](trace, now)
-            if verdict is Decision.DROPPED:
+            try:
+                verdicts[index] = evaluators[index](trace, now)
+            except Exception:
+                self._failed(index, trace)
+            if verdicts[index] is Decision.DROPPED:
                 return verdicts
         first_match = self._sample_on_first_match
         for index in self._others:
-            verdict = verdicts[index] = evaluators[index](trace, now)
-            if first_match and verdict is Decision.SAMPLED:
+            try:
+                verdicts[index] = evaluators[index](trace, now)
+            except Exception:
+                self._failed(index, trace)
+            if first_match and verdicts[index] is Decision.SAMPLED:
                 break
         return verdicts
 
-    def _evaluate_guarded(self, policy: Policy, trace: Trace, now: float) -> Decision | None:
-        """One policy's verdict; None, logged and counted, when it fails (a faulty plugin, say).
-
-        As in the OTel Collector, a policy error does not stop the other policies. Only used once an
-        evaluation raised, so the policies evaluated before the failure are evaluated again.
-        """
-        try:
-            return policy.evaluate(trace, now)
-        except Exception:
-            log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
-            self.metrics.policy_decisions.labels(policy.name, "error").inc()
-            return None
+    def _failed(self, index: int, trace: Trace) -> None:
+        """A policy that raised (a faulty plugin, an OTTL condition in `error_mode: propagate`): logged and
+        counted; its verdict stays None. As in the OTel Collector, the other policies go on, each evaluated
+        once (a second evaluation would charge a rate limit twice)."""
+        policy = self.policies[index]
+        log.exception("policy %r failed on trace %s", policy.name, trace.trace_id.hex())
+        self.metrics.policy_decisions.labels(policy.name, "error").inc()
 
     def _count(
         self,

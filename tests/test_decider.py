@@ -96,11 +96,14 @@ class Fixed:
         return self.verdict
 
 
+@pytest.mark.parametrize("first_match", [True, False], ids=["first-match", "all"])
 @pytest.mark.parametrize("first", [Decision.NOT_SAMPLED, None], ids=["first-works", "first-fails"])
-def test_a_failing_policy_leaves_the_order_and_the_first_match_as_they_are(first: Decision | None) -> None:
-    """With sample_on_first_match the first policy that samples decides, whether or not an earlier one
-    failed: a later one is not evaluated (it would drop this trace, and a rate limit would spend its
-    budget)."""
+def test_a_failing_policy_changes_neither_the_order_nor_how_often_the_others_are_evaluated(
+    first: Decision | None, first_match: bool
+) -> None:
+    """A failing policy counts as no verdict; the others are evaluated once each, in the same order and
+    with the same early ends as without it: with sample_on_first_match a later policy is not evaluated
+    (it would drop this trace), and no policy sees a trace twice (a rate limit would pay twice)."""
     policies = [
         Fixed("flaky", first),
         Fixed("keep-all", Decision.SAMPLED),
@@ -112,14 +115,15 @@ def test_a_failing_policy_leaves_the_order_and_the_first_match_as_they_are(first
     exporter = RecordingExporter()
     metrics = Metrics()
     decider = Decider(
-        buffer, policies, [exporter], decisions, metrics, clock, 0.05, True, sample_on_first_match=True
+        buffer, policies, [exporter], decisions, metrics, clock, 0.05, True, sample_on_first_match=first_match
     )
     buffer.connect(decider.decide_safely, decider.forward_late)
     buffer.add_spans(decode_protobuf(request_for([b"\x07" * 16], 2).SerializeToString()))
     clock.now += 100
     decider.decide(buffer.pop_due(clock.now, 10))
-    assert sum(count for _, _, count in exporter.groups) == 2
-    assert [policy.calls for policy in policies][1:] == [1, 0]
+    # With every policy evaluated, the inverted one's INVERT_NOT_SAMPLED drops the trace.
+    assert sum(count for _, _, count in exporter.groups) == (2 if first_match else 0)
+    assert [policy.calls for policy in policies] == ([1, 1, 0] if first_match else [1, 1, 1])
     errors = metrics.registry.get_sample_value(
         "tailgate_policy_decisions_total", {"policy": "flaky", "decision": "error"}
     )
