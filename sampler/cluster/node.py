@@ -151,7 +151,14 @@ class ClusterNode:
             flushed = await self.forwarder.flush(flush_timeout)
             await self.server.stop()
         if not flushed:
-            log.warning("cluster: leaving with spans not yet delivered to peers")
+            # A peer that stopped first (a worker with nothing left to do), or one that does not answer:
+            # what it did not take is decided here with the rest, rather than dropped.
+            kept = 0
+            for peer in self._peers():
+                for message in self.forwarder.take_undelivered(peer, self.buffer.intern_scope):
+                    self._take_back(message.traces, LEFT, 0)
+                    kept += sum(trace.span_count for trace in message.traces)
+            log.warning("cluster: leaving with %d spans not delivered to peers; deciding them here", kept)
 
     async def stop(self) -> None:
         if self._rebalancer is not None:

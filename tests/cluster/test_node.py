@@ -88,3 +88,17 @@ async def test_spans_queued_for_a_member_that_left_are_kept_under_memory_pressur
     assert member.spans_held(joined) == 600
     assert member.node.forwarder.pending(joined).spans > 0
     assert not [trace for trace in member.buffer.traces.values() if ring.owner(trace.trace_id) == joined]
+
+
+async def test_spans_a_member_that_stopped_first_did_not_take_are_decided_here_not_dropped(
+    member: Member,
+) -> None:
+    """Workers stop together: one with nothing to do stops at once, while another still finishes a
+    client's request whose spans it forwards to the first. Those stay here and are decided here."""
+    member.clients.add(decode_protobuf(make_request(200, 3).SerializeToString()))
+    queued = member.node.forwarder.pending(LEFT).spans
+    assert queued > 0
+    await member.node.leave(timeout=0.2)  # nobody listens at LEFT: the flush cannot deliver
+    assert member.node.forwarder.pending(LEFT).spans == 0
+    assert member.node.forwarder.peer_stats(LEFT).dropped_spans == 0
+    assert member.buffer.span_count == 600  # all here, to be decided with the rest at shutdown
