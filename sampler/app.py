@@ -39,13 +39,19 @@ class Gateway:
     """receivers → buffer → decider → exporters, plus the admin endpoint."""
 
     def __init__(
-        self, config: Config, config_path: str | None = None, worker: WorkerPlace | None = None
+        self,
+        config: Config,
+        config_path: str | None = None,
+        worker: WorkerPlace | None = None,
+        supervisor: int | None = None,
     ) -> None:
         if worker is not None:
             # The supervisor serves the admin endpoint; each worker's own is on an ephemeral port.
             config = config.model_copy(update={"admin": AdminConfig(endpoint="127.0.0.1:0")})
         self.config = config
         self.worker = worker
+        # A worker's supervisor: the worker stops when it is no longer its parent (None: its parent now).
+        self.supervisor = supervisor
         self.metrics = Metrics()
         sampling = config.tail_sampling
         self.policies = build_policies(sampling.policies, "tail_sampling.policies")
@@ -232,7 +238,8 @@ class Gateway:
         orphaned = None
         if self.worker is not None:
             # A worker whose supervisor died (kill -9) stops rather than hold the ports on its own.
-            orphaned = loop.create_task(_until_orphaned(os.getppid()), name="supervisor watch")
+            supervisor = os.getppid() if self.supervisor is None else self.supervisor
+            orphaned = loop.create_task(_until_orphaned(supervisor), name="supervisor watch")
             orphaned.add_done_callback(lambda _: stop_requested.set())
         await stop_requested.wait()
         if orphaned is not None:

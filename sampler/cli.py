@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor of `workers: N` for each worker it starts.
     run.add_argument("--worker", type=parse_worker_slot, metavar="INDEX/COUNT", help=argparse.SUPPRESS)
     run.add_argument("--worker-dir", metavar="DIR", help=argparse.SUPPRESS)
+    run.add_argument("--supervisor", type=int, metavar="PID", help=argparse.SUPPRESS)
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", default="config.yaml", help="YAML config file")
     simulate = commands.add_parser(
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = None if args.worker is None else (*args.worker, args.worker_dir)
 
     async def serve() -> None:
-        await Gateway(config, args.config, worker).run_until_signalled()
+        await Gateway(config, args.config, worker, args.supervisor).run_until_signalled()
 
     # The buffer holds tens of thousands of acyclic objects (traces, span lists) that churn fast; with
     # the default thresholds the cyclic GC rescans them several times a second, costing ~15 % of

@@ -81,6 +81,9 @@ def worker_command(config_path: str, index: int, count: int, directory: str) -> 
         f"{index}/{count}",
         "--worker-dir",
         directory,
+        # Named, not read as the worker's parent: one whose supervisor died while it started stops too.
+        "--supervisor",
+        str(os.getpid()),
     ]
 
 

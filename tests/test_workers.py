@@ -31,7 +31,7 @@ from sampler.workers import (
     worker_command,
     worker_peer_path,
 )
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, Downstream, free_port, gateway_config, wait_for
 
 # A worker as the supervisor sees one. argv: index, runtime directory, events file, mode. Modes: serve;
 # exit2 (fail at start with status 2); fail-first-0 (worker 0's first start exits 2); ignore-term;
@@ -221,6 +221,8 @@ def test_worker_contract_helpers(tmp_path: Path) -> None:
         "1/4",
         "--worker-dir",
         directory,
+        "--supervisor",
+        str(os.getpid()),
     ]
     assert parse_worker_slot("1/4") == (1, 4)
     for bad in ("4/4", "x/2", "1"):
@@ -374,3 +376,30 @@ def test_an_admin_port_in_use_is_a_start_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert events(tmp_path) == []  # no worker was started
     assert list(runtime.iterdir()) == []
+
+
+async def test_a_worker_whose_supervisor_died_while_it_started_stops_once_started(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """The supervisor names itself on the worker's command line: a worker whose parent is not (or no
+    longer) that process stops rather than hold the ports on its own, even when the supervisor died
+    before the worker could watch it (its parent is then another process from the start)."""
+    config = {**gateway_config(downstream), "workers": 2}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    directory = tmp_path / "run"
+    directory.mkdir()
+    command = worker_command(str(path), 0, 2, str(directory))
+    command[command.index("--supervisor") + 1] = str(gone.pid)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = await asyncio.to_thread(process.communicate, None, 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    assert f"the supervisor (pid {gone.pid}) is gone; shutting down" in stderr
