@@ -12,16 +12,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-# Gauges that describe a process rather than count something: every worker reports the same or its own
-# value, and a sum would mean nothing (two workers do not make build_info 2). They take the max.
+# Gauges that describe a process or its view rather than count something: every worker reports the same
+# or its own value, and a sum would mean nothing (two workers do not make build_info 2, nor a ring of 2
+# members 4). They take the max: for a flag (overloaded, stress relief on), whether any worker has it.
 NON_ADDITIVE = frozenset(
     {
         "tailgate_build_info",
         "process_start_time_seconds",
         "python_info",
         "process_max_fds",
+        "tailgate_memory_overloaded",
+        "tailgate_stress_relief_active",
+        "tailgate_config_last_reload_timestamp_seconds",
+        "tailgate_cluster_members",
     }
 )
+# Flags that hold only if they hold in every worker: 1 when all of them are 1, so that an alert on 0
+# fires when one worker's reload failed or lost its membership store.
+ALL_OF = frozenset({"tailgate_config_last_reload_success", "tailgate_cluster_membership_connected"})
 # Families that only ever grow within one process: what a worker that is gone had counted is still part
 # of the total (see `cumulative`).
 CUMULATIVE_TYPES = frozenset({"counter", "histogram", "summary"})
@@ -47,6 +55,8 @@ def parse_exposition(text: str) -> list[Metric]:
 def _combine(family: Metric, sample: Sample) -> _Combine:
     if family.name in NON_ADDITIVE:
         return max
+    if family.name in ALL_OF:
+        return min
     if family.type == "gauge" and family.name.endswith("_created"):
         # When a counter or histogram was created (prometheus_client writes these as gauges): the
         # merged series counts from the earliest creation.
@@ -114,5 +124,5 @@ def render(families: Iterable[Metric]) -> str:
 
 def merge_expositions(texts: list[str]) -> str:
     """One text exposition holding every family of `texts`, samples summed across them (max for the
-    `NON_ADDITIVE` gauges); ValueError if one of them is malformed."""
+    `NON_ADDITIVE` gauges, min for the `ALL_OF` ones); ValueError if one of them is malformed."""
     return render(merge_families(parse_exposition(text) for text in texts))

@@ -94,6 +94,37 @@ def test_non_additive_gauges_take_the_max_and_creation_times_the_min() -> None:
     )
 
 
+def gateway_metrics(members: int, reloaded: bool, overloaded: bool, reload_time: float) -> str:
+    """A worker's own registry (sampler.metrics), with the gauges that describe its state set."""
+    metrics = Metrics()
+    metrics.cluster_members.set(members)
+    metrics.cluster_membership_connected.set(1)
+    metrics.config_last_reload_success.set(1 if reloaded else 0)
+    metrics.config_last_reload_timestamp.set(reload_time)
+    metrics.memory_overloaded.set(1 if overloaded else 0)
+    metrics.stress_relief_active.set(0)
+    metrics.buffered_spans.set(members * 10)
+    return generate_latest(metrics.registry).decode()
+
+
+def test_gauges_of_a_workers_state_are_not_summed() -> None:
+    """A ring of 2 is 2 members, not 4; a reload that failed in one worker leaves the merged flag at 0;
+    one overloaded worker makes it 1; the last reload's time is a time, not a sum of times."""
+    merged = merge_expositions(
+        [
+            gateway_metrics(2, reloaded=True, overloaded=False, reload_time=1_800_000_000.0),
+            gateway_metrics(2, reloaded=False, overloaded=True, reload_time=1_800_000_001.0),
+        ]
+    )
+    assert value(merged, "tailgate_cluster_members") == 2
+    assert value(merged, "tailgate_cluster_membership_connected") == 1
+    assert value(merged, "tailgate_config_last_reload_success") == 0
+    assert value(merged, "tailgate_config_last_reload_timestamp_seconds") == 1_800_000_001.0
+    assert value(merged, "tailgate_memory_overloaded") == 1
+    assert value(merged, "tailgate_stress_relief_active") == 0
+    assert value(merged, "tailgate_buffered_spans") == 40  # what the workers hold together
+
+
 def test_output_is_written_as_prometheus_client_writes_it_and_parses_back() -> None:
     merged = two_workers()
     assert "# TYPE tailgate_receiver_spans_total counter\n" in merged
