@@ -512,6 +512,24 @@ class Config(Model):
     shutdown_timeout: Seconds = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("workers")
+    @classmethod
+    def _one_directory_per_process(cls, value: int, info: ValidationInfo) -> int:
+        """Workers would share the write-ahead log's and the disk queues' directories, which one process
+        locks at a time."""
+        if value <= 1:
+            return value
+        if info.data.get("durability") == "wal":
+            raise ValueError("cannot be combined with durability: wal (its directory takes one process)")
+        for name, exporter in (info.data.get("exporters") or {}).items():
+            queue = getattr(exporter, "sending_queue", None)
+            if queue is not None and queue.storage == "disk":
+                raise ValueError(
+                    f"cannot be combined with the disk sending queue of exporter {name!r} "
+                    "(its directory takes one process)"
+                )
+        return value
+
     @field_validator("cluster")
     @classmethod
     def _not_with_workers(cls, value: ClusterConfig | None, info: ValidationInfo) -> ClusterConfig | None:

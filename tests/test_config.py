@@ -102,6 +102,22 @@ def test_shipped_config_is_valid() -> None:
             lambda c: c.update(cluster={"peers": ["a:1"], "forward": {"max_batch_bytes": (64 << 20) + 1}}),
             "cluster.forward.max_batch_bytes",
         ),
+        (
+            lambda c: c.update(workers=2, durability="wal"),
+            "workers: cannot be combined with durability: wal",
+        ),
+        (
+            lambda c: c.update(
+                workers=2,
+                exporters={
+                    "otlp_http/backend": {
+                        "endpoint": "http://127.0.0.1:4318/v1/traces",
+                        "sending_queue": {"storage": "disk", "directory": "/var/lib/tailgate/queue"},
+                    }
+                },
+            ),
+            "workers: cannot be combined with the disk sending queue of exporter 'otlp_http/backend'",
+        ),
     ],
     ids=[
         "policy-param",
@@ -131,6 +147,8 @@ def test_shipped_config_is_valid() -> None:
         "cluster-and-workers",
         "cluster-endpoint",
         "forward-batch-over-request-limit",
+        "workers-and-wal",
+        "workers-and-disk-queue",
     ],
 )
 def test_check_config_names_the_key_path(tmp_path: Path, mutate: Any, message: str) -> None:
