@@ -120,11 +120,17 @@ def _equal(left: object, right: object) -> bool:
     return left == right
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def comparison(getter: Getter[Context], op: str, literal: object) -> Predicate[Context]:
     """`getter op literal` as a predicate, the literal's kind resolved once."""
     if op not in COMPARISON_OPERATORS:
         raise ValueError(f"unknown comparison operator {op!r}")
     literal_type = type(literal)
+    if literal_type is int and not _INT64_MIN <= literal <= _INT64_MAX:  # type: ignore[operator]
+        # As in OTTL (and OTLP's int_value): a wider integer is not a value a span can hold or compare.
+        raise ValueError(f"integer {literal} is out of the 64-bit range")
     if op == "==" and literal_type is str:
 
         def equal_text(context: Context) -> bool:

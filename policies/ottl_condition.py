@@ -347,11 +347,11 @@ class _Parser:
         if kind == "punct" and text in ("+", "-") and (self.at("int") or self.at("float")):
             number = self.take()
             signed = text + number.text
-            return _constant(int(signed) if number.kind == "int" else float(signed))
+            return _constant(_int64(signed) if number.kind == "int" else float(signed))
         if kind == "string":
             return _constant(_unquote(text))
         if kind == "int":
-            return _constant(int(text))
+            return _constant(_int64(text))
         if kind == "float":
             return _constant(float(text))
         if kind == "bytes":
@@ -411,6 +411,14 @@ class _Parser:
             raise _Unsupported(f"IsMatch: {error}") from None
         check = conditions.matches(target.get, compiled, scalars=True)
         return _Operand(check, condition=check)
+
+
+def _int64(text: str) -> int:
+    """An integer literal: OTTL's are 64-bit, as the values spans hold."""
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise _Unsupported(f"integer {text} is out of the 64-bit range")
+    return value
 
 
 def compile_condition(text: str, context: ContextName) -> Predicate[Any]:

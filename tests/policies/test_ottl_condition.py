@@ -172,6 +172,8 @@ def config_error(block: dict) -> str:
         ('name == "\\q"', 'unknown escape sequence \\q in string "\\q"'),
         ("kind == SPAN_KIND_SERVERS", "unknown enum SPAN_KIND_SERVERS"),
         ('name + 1 > "a" - 1', "math on 'a' (only numbers)"),
+        (f'attributes["x"] > {10**400}', f"integer {10**400} is out of the 64-bit range"),
+        (f'attributes["x"] + -{2**63 + 1} > 0', f"integer -{2**63 + 1} is out of the 64-bit range"),
         (
             'IsMatch(name, "(")',
             "IsMatch: not a valid regular expression '(': missing ), unterminated subpattern at position 0",

@@ -263,6 +263,10 @@ PREFIX = "tail_sampling.policies[0].rules.rules"
             [rule("keep", scope="trace")],
             f"{PREFIX}[0].scope: Input should be 'span' or 'root'",
         ),
+        (
+            [rule("keep", ("attributes.retries", ">", 10**30))],
+            f"{PREFIX}[0].conditions[0]: integer {10**30} is out of the 64-bit range",
+        ),
     ],
 )
 def test_bad_parameters(rules, message) -> None:
