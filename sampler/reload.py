@@ -110,6 +110,9 @@ class ConfigReloader:
                 "config reload: invalid config %s, still running the previous one:\n%s", self.path, error
             )
             return self._count(applied=False)
+        except Exception:  # a bug in validating: the watch goes on, the running config too
+            log.exception("config reload: reading %s failed, still running the previous one", self.path)
+            return self._count(applied=False)
         try:
             self._apply(config)
         except Exception:
