@@ -21,8 +21,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from prometheus_client.parser import text_string_to_metric_families
 
+import sampler.reload
 from sampler.app import Gateway
-from sampler.config import load_config, parse_config
+from sampler.config import Config, load_config, parse_config
 from tests.conftest import (
     ROOT,
     TAILGATE,
@@ -262,6 +263,28 @@ async def test_watch_reloads_a_changed_file_without_a_signal(
     assert metric(gateway, "tailgate_config_last_reload_success") == 0
     assert [policy.name for policy in gateway.decider.policies] == ["errorz"]
     print(f"\nwatch (interval 0.05s) applied a same-size, same-mtime edit after {noticed:.2f}s")
+
+
+async def test_an_unexpected_failure_reading_the_file_is_a_failed_reload_and_the_watch_goes_on(
+    tmp_path: Path, downstream: Downstream, file_gateway: FileGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / CONFIG_FILE
+    config = gateway_config(downstream, policies=ERRORS_ONLY)
+    config["reload"] = {"watch": True, "interval": "0.05s"}
+    gateway = await file_gateway(config)
+    load_config = sampler.reload.load_config
+
+    def failing(path: str) -> Config:  # a bug in validating, once
+        monkeypatch.setattr(sampler.reload, "load_config", load_config)
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sampler.reload, "load_config", failing)
+    text = path.read_text()
+    path.write_text(text.replace("name: errors", "name: errorz"))
+    await wait_for(lambda: metric(gateway, "tailgate_config_reloads_total", result="failed") == 1)
+    path.write_text(text.replace("name: errors", "name: errorx"))  # the watch is still there
+    await wait_for(lambda: metric(gateway, "tailgate_config_reloads_total", result="applied") == 1)
+    assert [policy.name for policy in gateway.decider.policies] == ["errorx"]
 
 
 class Traffic:
