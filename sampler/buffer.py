@@ -38,8 +38,9 @@ _ZERO_SPAN_ID = bytes(8)
 _CHECK_BYTES = 4 << 20
 # The tag of Span.links (field 13, length-delimited): a run without this byte has no span with links.
 _LINKS_TAG = b"\x6a"
-# Distinct values remembered per attribute key per trace; enough for any policy, bounded for memory.
-_MAX_VALUES_PER_KEY = 64
+# How a value is told from the others of its key: by type too (true is not 1, 1 is not 1.0), and NaN as one
+# value (it equals nothing, itself included).
+_NAN_KEY = ("nan",)
 # Interned Scope objects; when exceeded the table starts over (buffered traces keep their own refs).
 _MAX_INTERNED_SCOPES = 10_000
 # Above any fixed64 start time: "no start seen yet".
@@ -84,7 +85,7 @@ class Trace:
         self._min_start = _NO_START
         self.max_end_ns = 0
         self.root_seen = False
-        self.attributes: dict[str, list[AttributeValue]] | None = None
+        self.attributes: dict[str, _Values] | None = None
         self._parsed: list[SpanRecord] | None = None
 
     @property
@@ -177,11 +178,16 @@ class Trace:
         return self.attributes.get(key, ())
 
     def add_attribute(self, key: str, value: AttributeValue) -> None:
+        """Remember a value of `key` (a key some policy reads), once: every distinct value is kept, as the
+        OTel Collector's attribute policies look at every span."""
         if self.attributes is None:
-            self.attributes = {key: [value]}
-            return
-        values = self.attributes.setdefault(key, [])
-        if len(values) < _MAX_VALUES_PER_KEY and value not in values:
+            self.attributes = {}
+        values = self.attributes.get(key)
+        if values is None:
+            values = self.attributes[key] = _Values()
+        found = (type(value), value) if value == value else _NAN_KEY
+        if found not in values.seen:
+            values.seen.add(found)
             values.append(value)
 
     def read_attributes(self, keys: frozenset[str]) -> None:
@@ -247,6 +253,16 @@ class Trace:
                     entries = rewrite(entries, spans)
                 groups.append((scope, entries, len(spans)))
         return groups, invalid
+
+
+class _Values(list[AttributeValue]):
+    """The distinct values of one attribute key in a trace, in the order first seen."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[object] = set()
 
 
 def kept_span_groups(

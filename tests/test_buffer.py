@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from policies.base import STATUS_ERROR, STATUS_OK, STATUS_UNSET
+from policies.base import STATUS_ERROR, STATUS_OK, STATUS_UNSET, Decision
+from policies.registry import build_policies
 from sampler.buffer import DecisionCache, TraceBuffer
 from sampler.config import TailSamplingConfig
 from sampler.receivers.otlp_decode import decode_json, decode_protobuf
@@ -21,6 +23,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.otlp_data import ERRORS_ONLY, make_request, otlp_json, send
+from tests.policies.test_conditions import any_value
 
 
 @pytest.mark.parametrize("encoding", ["protobuf", "json"])
@@ -161,3 +164,40 @@ async def test_all_zero_parent_id_marks_a_root(start_gateway: GatewayFactory, do
     request.resource_spans[0].scope_spans[0].spans[0].parent_span_id = bytes(8)  # "no parent"
     await send(receiver_url(gateway), request)
     await wait_for(lambda: len(downstream.spans()) == 2, timeout=3)  # not after 30 s
+
+
+def traced_with(values: list[object], policy_spec: dict[str, object]) -> Decision:
+    """One trace whose spans carry these values of attribute `a`, buffered as a receiver buffers it, and
+    the verdict of the policy built from `policy_spec`."""
+    (policy,) = build_policies([policy_spec], "tail_sampling.policies")
+    buffer = TraceBuffer(TailSamplingConfig(), policy.attribute_keys, DecisionCache(10, 10), time.monotonic)
+    request = make_request(traces=1, spans_per_trace=len(values))
+    for span, value in zip(request.resource_spans[0].scope_spans[0].spans, values, strict=True):
+        span.attributes.add(key="a").value.CopyFrom(any_value(value))
+    buffer.add_spans(decode_protobuf(request.SerializeToString()))
+    (trace,) = buffer.traces.values()
+    return policy.evaluate(trace, time.monotonic())
+
+
+def test_attribute_values_of_a_trace_are_told_apart_by_type_and_none_is_forgotten() -> None:
+    boolean = {"name": "b", "type": "boolean_attribute", "boolean_attribute": {"key": "a", "value": True}}
+    numeric = {
+        "name": "n",
+        "type": "numeric_attribute",
+        "numeric_attribute": {"key": "a", "min_value": 1, "max_value": 5},
+    }
+    # true and 1 are different values: the second is not taken for a repeat of the first.
+    assert traced_with([1, True], boolean) is Decision.SAMPLED
+    assert traced_with([True, 1], numeric) is Decision.SAMPLED
+    assert traced_with([1.0, True], boolean) is Decision.SAMPLED
+    # NaN equals nothing; many spans with it are one value, and a later number still counts.
+    assert traced_with([math.nan] * 70 + [3.0], numeric) is Decision.SAMPLED
+    # Every distinct value counts, however many: the 101st route is the excluded one.
+    routes = [f"/api/{n}" for n in range(100)] + ["/health"]
+    excluded = {
+        "name": "s",
+        "type": "string_attribute",
+        "string_attribute": {"key": "a", "values": ["/health"], "invert_match": True},
+    }
+    assert traced_with(routes, excluded) is Decision.INVERT_NOT_SAMPLED
+    assert traced_with(routes[:100], excluded) is Decision.INVERT_SAMPLED
