@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from policies import re2
 from policies.base import SpanRecord
 from sampler.errors import TailgateError
 
@@ -175,10 +176,11 @@ def starts_with(getter: Getter[Context], prefix: str) -> Predicate[Context]:
 
 
 def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """A regular expression, with the error a config message can quote."""
+    """An RE2 regular expression (as OTTL and Refinery read them), with the error a config message can
+    quote."""
     try:
-        return re.compile(pattern)
-    except re.error as error:
+        return re.compile(re2.translate(pattern))
+    except (re.error, ValueError) as error:
         raise ValueError(f"not a valid regular expression {pattern!r}: {error}") from None
 
 

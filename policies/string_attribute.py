@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, Field, ValidationInfo
 
+from policies import re2
 from policies.base import Decision, ParamsModel, SubPolicyBuilder, TraceView
 
 # The Collector's regex result cache size when cache_max_size is 0 or absent.
@@ -19,8 +20,8 @@ def _compilable(pattern: str, info: ValidationInfo) -> str:
     """With regex matching on, each value must compile (the Collector would panic at startup)."""
     if info.data.get("enabled_regex_matching"):
         try:
-            re.compile(pattern)
-        except re.error as error:
+            re.compile(re2.translate(pattern))
+        except (re.error, ValueError) as error:
             raise ValueError(f"not a valid regular expression: {error}") from None
     return pattern
 
@@ -39,8 +40,7 @@ class StringAttribute:
 
     Exact matching compares whole strings; with `enabled_regex_matching` a value matches when any
     pattern matches anywhere in it (unanchored, as Go's regexp.MatchString in the Collector; anchor
-    with ^...$ for whole values). Patterns use Python's `re`, which accepts the RE2 syntax in
-    common use.
+    with ^...$ for whole values). Patterns are RE2, read by Python's `re` (see policies/re2.py).
     Empty strings never match, as for the Collector's exact matching and span attributes.
     """
 
@@ -54,7 +54,7 @@ class StringAttribute:
         self.invert_match = params.invert_match
         self._matches: Callable[[str], bool]
         if params.enabled_regex_matching:
-            patterns = tuple(re.compile(pattern) for pattern in params.values)
+            patterns = tuple(re.compile(re2.translate(pattern)) for pattern in params.values)
 
             def search(value: str) -> bool:
                 return any(pattern.search(value) for pattern in patterns)
