@@ -151,6 +151,9 @@ class WorkerSlot:
     admin_port: int | None = None
     # The current process's last /metrics that parsed; its counters join `Supervisor.retired` at exit.
     last_families: list[Metric] = field(default_factory=list)
+    # The number of the /metrics request `last_families` came from: one answered later but asked
+    # earlier (two scrapers at once) does not replace newer counts with older ones.
+    last_scrape: int = -1
     backoff: float = FIRST_BACKOFF
     # SIGHUP arrived while the current process was still starting: sent once it announces.
     reload_pending: bool = False
@@ -194,6 +197,7 @@ class Supervisor:
         # Counters, histograms and summaries of worker processes that have exited, as last scraped: the
         # merged totals keep them so that they never go back when a worker is replaced.
         self.retired: list[Metric] = []
+        self._scrapes = 0  # /metrics requests so far
         # Set when the first start of every worker exited with status 2: the supervisor gives up.
         self.start_failure: str | None = None
         self.stopping = False
@@ -283,6 +287,7 @@ class Supervisor:
 
     async def metrics_text(self) -> str:
         """The supervisor's metrics and every announced worker's, merged."""
+        number = self._scrapes = self._scrapes + 1
         polled = [
             (worker, worker.generation, worker.admin_port)
             for worker in self.workers
@@ -302,7 +307,8 @@ class Supervisor:
                 # Its gauges are left out; its counters stay as last scraped, so the totals do not dip.
                 expositions.append(cumulative(worker.last_families))
             else:
-                worker.last_families = families
+                if number > worker.last_scrape:
+                    worker.last_families, worker.last_scrape = families, number
                 expositions.append(families)
         return await asyncio.to_thread(lambda: render(merge_families(expositions)))
 

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from sampler.config import parse_config
@@ -403,3 +404,39 @@ async def test_a_worker_whose_supervisor_died_while_it_started_stops_once_starte
             process.kill()
     assert process.returncode == 0
     assert f"the supervisor (pid {gone.pid}) is gone; shutting down" in stderr
+
+
+async def test_a_slow_scrape_answered_last_does_not_put_older_counts_in_the_totals(tmp_path: Path) -> None:
+    """Two /metrics requests at once (two Prometheus servers): the worker's counts kept for when it exits
+    are those of the later scrape, whichever answer comes back last."""
+    answers = [(0.3, 100), (0.0, 500)]  # the first scrape is answered last
+
+    async def metrics(request: web.Request) -> web.Response:
+        delay, decided = answers.pop(0)
+        await asyncio.sleep(delay)
+        text = f"# TYPE tailgate_traces_decided_total counter\ntailgate_traces_decided_total {decided}\n"
+        return web.Response(text=text)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = parse_config(config_dict(tmp_path, workers=2))
+    supervisor = Supervisor(str(tmp_path / "config.yaml"), config)
+    supervisor.directory = str(tmp_path)
+    supervisor._session = aiohttp.ClientSession()
+    worker = supervisor.workers[0]
+    worker.generation, worker.admin_port = 1, port
+    try:
+        first = asyncio.ensure_future(supervisor.metrics_text())
+        await asyncio.sleep(0.1)
+        second = await supervisor.metrics_text()
+        assert sample(second, "tailgate_traces_decided_total") == 500
+        assert sample(await first, "tailgate_traces_decided_total") == 100
+        supervisor._retire(worker, 1)  # the worker exits: its last counts stay in the totals
+        assert sample(await supervisor.metrics_text(), "tailgate_traces_decided_total") == 500
+    finally:
+        await supervisor._session.close()
+        await runner.cleanup()
