@@ -82,6 +82,7 @@ class Decider:
         # Traces buffered when a reload added attribute keys: their earlier spans are read for those keys
         # when they are decided (see `reconfigure`).
         self._stale_attributes: set[Trace] = set()
+        self._stale_until = 0.0
         self._observer = observer
         self._kept_traces = metrics.traces_decided.labels("kept")
         self._dropped_traces = metrics.traces_decided.labels("dropped")
@@ -147,12 +148,16 @@ class Decider:
         self.use_settings(settings)
         if added:
             self._stale_attributes = set(self.buffer.traces.values())
+            # Each leaves within its decision wait, decided here or handed to another member (which this
+            # decider does not see): then those no longer buffered are let go.
+            wait = max(self.buffer.settings.decision_wait, settings.decision_wait)
+            self._stale_until = self.clock() + wait + 1.0
         self.buffer.reconfigure(settings, attribute_keys(policies))
 
     def _read_added_keys(self, traces: list[Trace], reason: str | None) -> None:
         """Give traces buffered before a reload the values of the keys it added, from all their spans.
 
-        Every buffered trace leaves the buffer through `decide`, so the set empties as they are decided.
+        The set empties as they are decided; those that left the buffer otherwise are let go in `decide`.
         """
         stale = self._stale_attributes
         keys = attribute_keys(self.policies)
@@ -165,9 +170,14 @@ class Decider:
 
     def decide(self, traces: list[Trace], reason: str | None = None) -> None:
         """Decide `traces` now; `reason` names why when it is before their deadline."""
+        now = self.clock()
         if self._stale_attributes:
             self._read_added_keys(traces, reason)
-        now = self.clock()
+            if now > self._stale_until:
+                # Those handed to another member meanwhile are not decided here: let go, not held.
+                buffered = self.buffer.traces
+                self._stale_attributes = {t for t in self._stale_attributes if buffered.get(t.trace_id) is t}
+                self._stale_until = now + self.buffer.settings.decision_wait + 1.0
         evaluators = self._evaluators
         record = self.decisions.record
         verdict_rows: list[list[Decision | None]] = []

@@ -128,3 +128,40 @@ def test_a_failing_policy_changes_neither_the_order_nor_how_often_the_others_are
         "tailgate_policy_decisions_total", {"policy": "flaky", "decision": "error"}
     )
     assert errors == (1 if first is None else None)
+
+
+def test_traces_buffered_at_a_reload_adding_keys_are_let_go_once_they_must_have_left() -> None:
+    """A reload that adds attribute keys remembers the traces buffered then, to read the new keys from
+    their spans when they are decided; one handed to another member meanwhile is never decided here,
+    and is not held (with its spans) beyond the decision wait."""
+    clock = SimulatedClock()
+    decisions = DecisionCache(10, 10)
+    settings = TailSamplingConfig(decision_wait=5.0)
+    buffer = TraceBuffer(settings, frozenset(), decisions, clock)
+    exporter = RecordingExporter()
+    keep_all = Fixed("keep-all", Decision.SAMPLED)
+    decider = Decider(buffer, [keep_all], [exporter], decisions, Metrics(), clock, 0.05, True)
+    buffer.connect(decider.decide_safely, decider.forward_late)
+    buffer.add_spans(decode_protobuf(request_for([b"\x07" * 16, b"\x08" * 16], 2).SerializeToString()))
+    reading = Reading("reading", Decision.SAMPLED)
+    reading.attribute_keys = frozenset({"pad"})
+    decider.reconfigure([reading], settings)
+    handed_over = buffer.take([buffer.traces[b"\x08" * 16]])  # as a cluster member hands a trace over
+    clock.now += 6.5
+    decider.decide(buffer.pop_due(clock.now, 10))
+    assert not decider._stale_attributes
+    assert handed_over[0] not in decider._stale_attributes
+    assert sum(count for _, _, count in exporter.groups) == 2
+    assert reading.seen == [["x" * 100]]  # the trace decided here got the added key from its spans
+
+
+class Reading(Fixed):
+    """A Fixed policy noting the values of its attribute key on each trace it evaluates."""
+
+    def __init__(self, name: str, verdict: Decision | None) -> None:
+        super().__init__(name, verdict)
+        self.seen: list[list[object]] = []
+
+    def evaluate(self, trace: TraceView, now: float) -> Decision:
+        self.seen += [list(trace.attribute_values(key)) for key in self.attribute_keys]
+        return super().evaluate(trace, now)
