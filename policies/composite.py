@@ -78,10 +78,11 @@ class CompositeParams(ParamsModel):
 
 
 def allocations(params: CompositeParams) -> dict[str, int]:
-    """Spans per second for each named sub-policy, as the Collector computes them.
+    """Spans per second for each named sub-policy.
 
-    A sub-policy gets `percent` of the total, truncated to whole spans; one without an allocation,
-    or with percent 0, gets an equal share (total / number of sub-policies).
+    A sub-policy gets `percent` of the total, truncated to whole spans, as in the Collector; one with
+    percent 0 gets an equal share (total / number of sub-policies), as there, and so does one without an
+    allocation, which the Collector gives no budget at all (it never keeps a trace).
     """
     total = params.max_total_spans_per_second
     names = [name for name in params.sub_policy_names() if name is not None]
