@@ -39,9 +39,8 @@ from sampler.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # A record: MAGIC, the length of what follows the header, the CRC32 of it, the kind and the seq; then the
-# body. A record whose body the file cuts off is a torn tail: nothing follows it. After a record whose
-# CRC does not match, reading goes on where its length says it ends; only where no record starts there is
-# the data scanned for the next MAGIC (never inside a body the header delimits: bodies are client data).
+# body. After a damaged or torn record the data is scanned for the next MAGIC; what is found there is taken
+# only if its seq goes on from the records before (see `_records`).
 MAGIC = b"TGw\x01"
 HEADER = struct.Struct(">4sIIBQ")
 _CHECKED = struct.Struct(">BQ")  # the part of the header the CRC covers, before the body
@@ -58,6 +57,8 @@ SYNC_RETRY_INTERVAL = 0.05
 _TRACE_ID = 16
 # A seq at or over this is damage, not a record (a numbering that starts at 0 never gets there).
 _MAX_SEQ = 1 << 62
+# After damage, a record found by scanning is taken if its seq is at most this far past the last one read.
+_RESYNC_WINDOW = 1 << 16
 
 
 class WALError(TailgateError):
@@ -85,35 +86,36 @@ class Replay:
     corrupt: int = 0
 
 
-def _records(data: bytes) -> Iterator[tuple[int, int, bytes] | None]:
-    """(kind, seq, body) of each sound record of a segment; None for each damaged place skipped."""
+def _records(data: bytes, last: int = -1) -> Iterator[tuple[int, int, bytes] | None]:
+    """(kind, seq, body) of each sound record of a segment; None for each damaged stretch skipped.
+
+    `last` is the highest seq read before this segment (-1: none). After damage the data is scanned for the
+    next MAGIC, and a record found so is taken only if its seq goes on from `last` (a record's body is a
+    client's bytes, where a record could be forged).
+    """
     offset = 0
     end = len(data)
     memory = memoryview(data)
+    resyncing = False
     while offset < end:
-        resume = -1  # where reading goes on after a damaged record; -1: scan for the next MAGIC
         if end - offset >= HEADER.size:
             magic, length, crc, kind, seq = HEADER.unpack_from(data, offset)
             body_end = offset + HEADER.size + length - _CHECKED.size
-            if magic == MAGIC and length >= _CHECKED.size:
-                if body_end > end:
-                    yield None  # a torn tail
-                    return
+            if magic == MAGIC and length >= _CHECKED.size and body_end <= end and seq < _MAX_SEQ:
                 body = memory[offset + HEADER.size : body_end]
-                if zlib.crc32(body, zlib.crc32(_CHECKED.pack(kind, seq))) == crc and seq < _MAX_SEQ:
+                sound = zlib.crc32(body, zlib.crc32(_CHECKED.pack(kind, seq))) == crc
+                if sound and (not resyncing or last < 0 or last <= seq <= last + _RESYNC_WINDOW):
                     yield kind, seq, bytes(body)
+                    last = max(last, seq)
+                    resyncing = False
                     offset = body_end
                     continue
-                resume = body_end
-        elif data.startswith(MAGIC[: end - offset], offset):
-            yield None  # a torn header at the tail
+        if not resyncing:
+            yield None
+            resyncing = True
+        offset = data.find(MAGIC, offset + 1)
+        if offset < 0:
             return
-        yield None
-        if resume < 0 or not data.startswith(MAGIC, resume):
-            resume = data.find(MAGIC, max(resume, offset + 1))
-        if resume < 0:
-            return
-        offset = resume
 
 
 def encode_decisions(decisions: Sequence[tuple[bytes, Kept | None]]) -> bytes:
@@ -233,7 +235,7 @@ class WriteAheadLog:
             self._next_number = segment.number + 1
             data = path.read_bytes()
             segment.size = len(data)
-            for record in _records(data):
+            for record in _records(data, self.next_seq - 1):
                 if record is None:
                     replay.corrupt += 1
                     continue
@@ -285,14 +287,14 @@ class WriteAheadLog:
 
     def _write_decisions(self) -> None:
         decided = list(self._journal)
-        seq = self.next_seq - 1
-        self._write(DECISIONS, seq, encode_decisions(decided))
+        # Numbered as the request before them (0 when none was logged yet).
+        segment = self._write(DECISIONS, max(self.next_seq - 1, 0), encode_decisions(decided))
         # Only once written: after a failed write they are written with the next record.
         del self._journal[: len(decided)]
-        assert self._active is not None
-        self._active.kept.extend(trace_id for trace_id, how in decided if how is not None)
+        segment.kept.extend(trace_id for trace_id, how in decided if how is not None)
 
-    def _write(self, kind: int, seq: int, body: bytes) -> None:
+    def _write(self, kind: int, seq: int, body: bytes) -> Segment:
+        """Append a record; the segment it went to (closed for writing if it is full now)."""
         checked = _CHECKED.pack(kind, seq)
         crc = zlib.crc32(body, zlib.crc32(checked))
         header = HEADER.pack(MAGIC, len(body) + _CHECKED.size, crc, kind, seq)
@@ -313,6 +315,7 @@ class WriteAheadLog:
             self._written.set()
         if segment.size >= self.config.segment_bytes:
             self._close_for_writing(segment)
+        return segment
 
     def _new_segment(self) -> Segment:
         number = self._next_number

@@ -474,6 +474,53 @@ async def test_a_failed_fsync_answers_the_request_as_accepted_so_it_is_not_sent_
     await wal.close()
 
 
+async def test_decisions_logged_before_any_request_and_a_decisions_record_filling_its_segment(
+    tmp_path: Path,
+) -> None:
+    """A member handed decisions before its first request logs them (as seq 0), and a decisions record
+    that fills its segment closes it like any record."""
+    decisions = DecisionCache(100, 100)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, lambda: 0.0)
+    config = WALConfig(directory=str(tmp_path), fsync="never", segment_bytes=100)
+    wal = WriteAheadLog(config, Metrics(), buffer, decisions, [])
+    await wal.open()
+    kept = [bytes([n]) * 16 for n in range(1, 6)]
+    for trace_id in kept:
+        decisions.record(trace_id, Kept("errors", 1.0))
+    body = request_of(1).SerializeToString()
+    assert wal.append_request(body) == 0  # the decisions record (over 100 bytes) closed the first segment
+    assert wal.append_request(body) == 1
+    first = wal._segments[0]
+    assert first.kept == kept and first.max_seq == 0
+    crash(wal)
+
+    again, _ = new_log(tmp_path)
+    replay = await again.open()
+    assert [trace_id for trace_id, _ in replay.decisions] == kept
+    assert [seq for seq, _ in replay.requests] == [0, 1]
+    crash(again)
+
+
+async def test_records_after_one_with_a_damaged_length_are_replayed(tmp_path: Path) -> None:
+    wal, _ = new_log(tmp_path)
+    await wal.open()
+    bodies = [request_of(number).SerializeToString() for number in range(1, 6)]
+    for body in bodies:
+        wal.append_request(body)
+    crash(wal)
+    (segment,) = segments(tmp_path)
+    data = bytearray(segment.read_bytes())
+    third = data.find(MAGIC, data.find(MAGIC, 1) + 1)
+    data[third + 4 : third + 8] = (1 << 31).to_bytes(4, "big")  # its length now points past the end
+    segment.write_bytes(bytes(data))
+
+    again, _ = new_log(tmp_path)
+    replay = await again.open()
+    assert [seq for seq, _ in replay.requests] == [0, 1, 3, 4]
+    assert replay.corrupt == 1
+    crash(again)
+
+
 def test_decision_records_round_trip() -> None:
     decided = [(bytes([n]) * 16, Kept("p", 0.25) if n % 2 else None) for n in range(1, 7)]
     assert sorted(decode_decisions(encode_decisions(decided)), key=lambda d: d[0]) == decided
