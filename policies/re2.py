@@ -1,11 +1,13 @@
 """RE2 patterns (the OTel Collector's and Refinery's regular expressions, Go's regexp) for Python's `re`.
 
 Most RE2 syntax means the same in `re`. The parts that do not, and that `re` would read differently
-without a word (POSIX classes) or refuse, are rewritten here: `[[:digit:]]` and the other POSIX classes
-inside brackets, `$` and `\\z` (the end of the text: `re`'s `$` also matches before a last newline),
-`\\Q...\\E` (literal text) and `(?<name>...)` groups. What `re` cannot express the same way (`\\p{Greek}`,
-a flag group such as `(?i)` after the start) stays as it is, and compiling it fails with a config error
-rather than matching something else.
+without a word or refuse, are rewritten here: the POSIX classes (`[[:digit:]]`) and `\\d`, `\\w`, `\\s`
+(ASCII in RE2, Unicode in `re`), `$` and `\\z` as the end of the text outside multi-line mode (`re`'s `$`
+also matches before a last newline), `\\Q...\\E` (literal text), `(?<name>...)` groups and `{,n}` (text in
+RE2). What RE2 refuses (a backreference) is refused; what `re` cannot express alike (`\\p{Greek}`, a flag
+group such as `(?i)` after the start) stays as it is and fails to compile, a config error rather than a
+pattern matching something else. `\\b` stays `re`'s, which also counts non-ASCII letters as word
+characters.
 """
 
 from __future__ import annotations
@@ -30,17 +32,21 @@ _POSIX = {
     "xdigit": "0-9A-Fa-f",
 }
 _POSIX_CLASS = re.compile(r"\[:(\^?)([a-z]+):\]")
-# A flag group turning on multi-line mode, where $ is the end of a line in both.
-_MULTILINE = re.compile(r"\(\?[a-zA-Z]*m")
+# RE2's Perl classes are ASCII; re's match any Unicode digit, letter or space.
+_PERL = {"d": "0-9", "w": "0-9A-Za-z_", "s": "\\t\\n\\f\\r "}
+# A flag group: `(?flags)` (to the end of the group it is in) or `(?flags:` (a group of its own).
+_FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])")
 
 
 def translate(pattern: str) -> str:
-    """`pattern` (RE2) as a Python `re` pattern that matches the same; ValueError for a POSIX class RE2
-    does not have, or a negated one inside a larger class."""
+    """`pattern` (RE2) as a Python `re` pattern that matches the same; ValueError for what RE2 would not
+    take (a POSIX class it does not have, a backreference) or `re` could not read alike (a negated POSIX
+    or Perl class inside a larger class)."""
     out: list[str] = []
     index = 0
     end = len(pattern)
-    multiline = _MULTILINE.search(pattern) is not None
+    # Per open group, whether $ is the end of a line there (multi-line mode), innermost last.
+    multiline = [False]
     while index < end:
         char = pattern[index]
         if char == "\\" and index + 1 < end:
@@ -51,16 +57,46 @@ def translate(pattern: str) -> str:
                 out.append(re.escape(literal))
                 index = end if stop < 0 else stop + 2
                 continue
-            out.append("\\Z" if following == "z" else pattern[index : index + 2])
+            if following in "123456789":
+                raise ValueError("backreferences are not RE2")
+            if following.lower() in _PERL:
+                negated = "^" if following.isupper() else ""
+                out.append(f"[{negated}{_PERL[following.lower()]}]")
+            else:
+                out.append("\\Z" if following == "z" else pattern[index : index + 2])
             index += 2
         elif char == "[":
             index = _bracket(pattern, index, out)
-        elif char == "$" and not multiline:
-            out.append("\\Z")  # RE2's $ is the end of the text; re's also matches before a last newline
+        elif char == "$":
+            # RE2's $ is the end of the text; re's also matches before a last newline.
+            out.append("$" if multiline[-1] else "\\Z")
             index += 1
-        elif pattern.startswith("(?<", index) and pattern[index + 3 : index + 4] not in ("=", "!"):
-            out.append("(?P<")
-            index += 3
+        elif char == "(":
+            flags = _FLAGS.match(pattern, index)
+            inner = multiline[-1]
+            if flags is not None:
+                on, off, kind = flags.group(1), flags.group(2) or "", flags.group(3)
+                inner = (inner or "m" in on) and "m" not in off
+                if kind == ")":  # from here to the end of the enclosing group
+                    multiline[-1] = inner
+                    out.append(flags.group(0))
+                    index = flags.end()
+                    continue
+            multiline.append(inner)
+            if pattern.startswith("(?<", index) and pattern[index + 3 : index + 4] not in ("=", "!"):
+                out.append("(?P<")
+                index += 3
+            else:
+                out.append(char)
+                index += 1
+        elif char == ")":
+            if len(multiline) > 1:
+                multiline.pop()
+            out.append(char)
+            index += 1
+        elif char == "{" and pattern.startswith(",", index + 1):
+            out.append("\\{")  # RE2 reads {,n} as text; re as {0,n}
+            index += 1
         else:
             out.append(char)
             index += 1
@@ -81,7 +117,13 @@ def _bracket(pattern: str, start: int, out: list[str]) -> int:
             break
         first = False
         if char == "\\" and index + 1 < len(pattern):
-            body.append(pattern[index : index + 2])
+            following = pattern[index + 1]
+            if following in _PERL:
+                body.append(_PERL[following])
+            elif following.lower() in _PERL:
+                raise ValueError(f"\\{following} inside a class is not supported; use [^...] or [[:^...:]]")
+            else:
+                body.append(pattern[index : index + 2])
             index += 2
             continue
         posix = _POSIX_CLASS.match(pattern, index) if char == "[" else None

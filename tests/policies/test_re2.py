@@ -34,6 +34,21 @@ from tests.policies.test_conditions import span_record
         (r"\Q.*+\E", "aaa", False),
         (r"(?<id>\d+)", "x42", True),
         (r"[$]", "$", True),
+        (r"^a\(?m$", "a(m\n", False),  # an escaped "(?m" is text, not multi-line mode
+        (r"[(?m]x$", "x\n", False),
+        (r"(?m:^a$)|^b$", "a\nc", True),  # multi-line inside the group
+        (r"(?m:^a$)|^b$", "b\n", False),  # not outside it
+        (r"(?i)^abc$", "ABC", True),
+        (r"^\d+$", "\u0661\u0662", False),  # RE2's \d is ASCII; re's takes any Unicode digit
+        (r"^\d+$", "12", True),
+        (r"^\w+$", "\u00e9", False),
+        (r"^\s$", "\u00a0", False),
+        (r"^\s$", "\v", False),  # not in RE2's \s
+        (r"^\S+$", "ab", True),
+        (r"^[\d_]+$", "1_2", True),
+        (r"^a{,2}$", "a{,2}", True),  # RE2 reads {,2} as text
+        (r"^a{,2}$", "aa", False),
+        (r"^(?P<x>a)(?:b)(?=c)", "abc", True),
     ],
 )
 def test_re2_patterns_match_as_in_re2(pattern: str, value: str, matches: bool) -> None:
@@ -45,6 +60,8 @@ def test_re2_patterns_match_as_in_re2(pattern: str, value: str, matches: bool) -
     [
         (r"[[:bogus:]]", "unknown POSIX class [:bogus:]"),
         (r"[a[:^digit:]]", "[:^digit:] is supported only as a class of its own"),
+        (r"(a)\1", "backreferences are not RE2"),
+        (r"[\Da]", "\\D inside a class is not supported"),
     ],
 )
 def test_posix_classes_re2_does_not_read_so_are_refused(pattern: str, message: str) -> None:
