@@ -9,6 +9,7 @@ callback, so nothing leaves the buffer undecided.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ _LINKS_TAG = b"\x6a"
 # How a value is told from the others of its key: by type too (true is not 1, 1 is not 1.0), and NaN as one
 # value (it equals nothing, itself included).
 _NAN_KEY = ("nan",)
+# Distinct values kept per attribute key per trace while it is buffered (bounded for memory); a trace
+# with more has all of them read from its spans when it is decided.
+_MAX_VALUES_PER_KEY = 256
 # Interned Scope objects; when exceeded the table starts over (buffered traces keep their own refs).
 _MAX_INTERNED_SCOPES = 10_000
 # Above any fixed64 start time: "no start seen yet".
@@ -177,9 +181,10 @@ class Trace:
             return ()
         return self.attributes.get(key, ())
 
-    def add_attribute(self, key: str, value: AttributeValue) -> None:
-        """Remember a value of `key` (a key some policy reads), once: every distinct value is kept, as the
-        OTel Collector's attribute policies look at every span."""
+    def add_attribute(self, key: str, value: AttributeValue, limit: int = _MAX_VALUES_PER_KEY) -> None:
+        """Remember a value of `key` (a key some policy reads), once. Up to `limit` distinct values are
+        kept; past it the key is marked, and `complete_attributes` reads them all when the trace is
+        decided: the OTel Collector's attribute policies look at every span."""
         if self.attributes is None:
             self.attributes = {}
         values = self.attributes.get(key)
@@ -187,16 +192,26 @@ class Trace:
             values = self.attributes[key] = _Values()
         found = (type(value), value) if value == value else _NAN_KEY
         if found not in values.seen:
+            if len(values) >= limit:
+                values.overflow = True
+                return
             values.seen.add(found)
             values.append(value)
 
-    def read_attributes(self, keys: frozenset[str]) -> None:
+    def read_attributes(self, keys: frozenset[str], limit: int = _MAX_VALUES_PER_KEY) -> None:
         """Extract `keys` from every span and resource, parsed in full: for a trace buffered before a config
         reload added keys (ingest extracts only the keys wanted when a span arrives)."""
         for resource, _, span in self.spans():
             for attributes in (resource.attributes, span.attributes):
                 for key, value in _wanted_values(attributes, keys):
-                    self.add_attribute(key, value)
+                    self.add_attribute(key, value, limit)
+
+    def complete_attributes(self, keys: frozenset[str]) -> None:
+        """Before the trace is decided: when some key had more distinct values than are kept while it is
+        buffered, all of them, read from every span."""
+        if self.attributes is not None and any(values.overflow for values in self.attributes.values()):
+            self.attributes = None
+            self.read_attributes(keys, limit=sys.maxsize)
 
     def span_groups(self, rewrite: RewriteRun | None = None) -> tuple[list[SpanGroup], int]:
         """The trace's valid spans grouped by scope, and how many spans were left out as invalid.
@@ -256,13 +271,15 @@ class Trace:
 
 
 class _Values(list[AttributeValue]):
-    """The distinct values of one attribute key in a trace, in the order first seen."""
+    """The distinct values of one attribute key in a trace, in the order first seen; `overflow` when
+    there were more than are kept."""
 
-    __slots__ = ("seen",)
+    __slots__ = ("overflow", "seen")
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: set[object] = set()
+        self.overflow = False
 
 
 def kept_span_groups(

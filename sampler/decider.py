@@ -100,6 +100,7 @@ class Decider:
         """Evaluate `policies` from the next decision on, in the order these options give."""
         self.policies = list(policies)
         self._evaluators = [policy.evaluate for policy in self.policies]
+        self._attribute_keys = attribute_keys(self.policies)
         # As the Collector: drop policies are evaluated first, and a drop ends the evaluation.
         self._drop_first = [i for i, policy in enumerate(self.policies) if _is_drop(policy)]
         self._others = [i for i in range(len(self.policies)) if i not in self._drop_first]
@@ -173,7 +174,7 @@ class Decider:
         now = self.clock()
         if self._stale_attributes:
             self._read_added_keys(traces, reason)
-            if now > self._stale_until:
+            if now > self._stale_until and reason is None:
                 # Those handed to another member meanwhile are not decided here: let go, not held.
                 buffered = self.buffer.traces
                 self._stale_attributes = {t for t in self._stale_attributes if buffered.get(t.trace_id) is t}
@@ -191,6 +192,8 @@ class Decider:
         observer = self._observer
         kept: list[tuple[Trace, int]] = []  # with the index of the deciding policy
         for trace in traces:
+            if trace.attributes is not None and not unevaluated:
+                trace.complete_attributes(self._attribute_keys)
             if unevaluated:
                 verdicts: list[Decision | None] = [None] * len(evaluators)
             elif in_order:

@@ -8,6 +8,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from policies.base import Decision, TraceView
+from policies.registry import build_policies
 from sampler.buffer import DecisionCache, TraceBuffer
 from sampler.config import TailSamplingConfig
 from sampler.decider import Decider
@@ -165,3 +166,35 @@ class Reading(Fixed):
     def evaluate(self, trace: TraceView, now: float) -> Decision:
         self.seen += [list(trace.attribute_values(key)) for key in self.attribute_keys]
         return super().evaluate(trace, now)
+
+
+@pytest.mark.parametrize("excluded", [True, False])
+def test_a_trace_with_more_distinct_values_than_are_kept_is_decided_on_all_of_them(excluded: bool) -> None:
+    """A buffered trace keeps a bounded number of distinct values per key; past it, all are read from
+    its spans when it is decided, so the 300th route still counts."""
+    (policy,) = build_policies(
+        [
+            {
+                "name": "not-health",
+                "type": "string_attribute",
+                "string_attribute": {"key": "http.route", "values": ["/health"], "invert_match": True},
+            }
+        ],
+        "tail_sampling.policies",
+    )
+    clock = SimulatedClock()
+    decisions = DecisionCache(10, 10)
+    buffer = TraceBuffer(TailSamplingConfig(), policy.attribute_keys, decisions, clock)
+    exporter = RecordingExporter()
+    decider = Decider(buffer, [policy], [exporter], decisions, Metrics(), clock, 0.05, True)
+    buffer.connect(decider.decide_safely, decider.forward_late)
+    routes = [f"/api/{n}" for n in range(299)] + ["/health" if excluded else "/api/last"]
+    request = make_request(traces=1, spans_per_trace=len(routes))
+    for span, route in zip(request.resource_spans[0].scope_spans[0].spans, routes, strict=True):
+        span.attributes.add(key="http.route").value.string_value = route
+    buffer.add_spans(decode_protobuf(request.SerializeToString()))
+    (trace,) = buffer.traces.values()
+    assert len(trace.attribute_values("http.route")) < 300  # bounded while buffered
+    clock.now += 100
+    decider.decide(buffer.pop_due(clock.now, 10))
+    assert sum(count for _, _, count in exporter.groups) == (0 if excluded else 300)
