@@ -358,12 +358,18 @@ async def test_a_record_hidden_in_client_data_is_never_replayed(tmp_path: Path, 
     crash(again)
 
 
-async def test_numbering_goes_on_after_a_clean_shutdown_so_a_later_crash_replays(tmp_path: Path) -> None:
-    wal, _ = new_log(tmp_path)
+async def logged(directory: Path, requests: int) -> tuple[WriteAheadLog, list[bytes]]:
+    """A new log in `directory` with `requests` requests appended (seqs 0 and on), and their bodies."""
+    wal, _ = new_log(directory)
     await wal.open()
-    bodies = [request_of(number).SerializeToString() for number in range(1, 4)]
+    bodies = [request_of(number).SerializeToString() for number in range(1, requests + 1)]
     for body in bodies:
         wal.append_request(body)
+    return wal, bodies
+
+
+async def test_numbering_goes_on_after_a_clean_shutdown_so_a_later_crash_replays(tmp_path: Path) -> None:
+    wal, bodies = await logged(tmp_path, 3)
     await wal.close()  # everything decided and exported: the log is emptied, the checkpoint is 3
     assert segments(tmp_path) == []
 
@@ -502,11 +508,7 @@ async def test_decisions_logged_before_any_request_and_a_decisions_record_fillin
 
 
 async def test_records_after_one_with_a_damaged_length_are_replayed(tmp_path: Path) -> None:
-    wal, _ = new_log(tmp_path)
-    await wal.open()
-    bodies = [request_of(number).SerializeToString() for number in range(1, 6)]
-    for body in bodies:
-        wal.append_request(body)
+    wal, _ = await logged(tmp_path, 5)
     crash(wal)
     (segment,) = segments(tmp_path)
     data = bytearray(segment.read_bytes())
