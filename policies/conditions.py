@@ -121,7 +121,12 @@ def _equal(left: object, right: object) -> bool:
     return left == right
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+def int64(value: int) -> int:
+    """An integer literal as OTTL and OTLP's int_value have them: ValueError when it is wider than 64 bits
+    (not a value a span can hold or compare)."""
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"integer {value} is out of the 64-bit range")
+    return value
 
 
 def comparison(getter: Getter[Context], op: str, literal: object) -> Predicate[Context]:
@@ -129,9 +134,8 @@ def comparison(getter: Getter[Context], op: str, literal: object) -> Predicate[C
     if op not in COMPARISON_OPERATORS:
         raise ValueError(f"unknown comparison operator {op!r}")
     literal_type = type(literal)
-    if literal_type is int and not _INT64_MIN <= literal <= _INT64_MAX:  # type: ignore[operator]
-        # As in OTTL (and OTLP's int_value): a wider integer is not a value a span can hold or compare.
-        raise ValueError(f"integer {literal} is out of the 64-bit range")
+    if literal_type is int:
+        int64(literal)  # type: ignore[arg-type]
     if op == "==" and literal_type is str:
 
         def equal_text(context: Context) -> bool:

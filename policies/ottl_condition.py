@@ -415,10 +415,10 @@ class _Parser:
 
 def _int64(text: str) -> int:
     """An integer literal: OTTL's are 64-bit, as the values spans hold."""
-    value = int(text)
-    if not -(2**63) <= value < 2**63:
-        raise _Unsupported(f"integer {text} is out of the 64-bit range")
-    return value
+    try:
+        return conditions.int64(int(text))
+    except ValueError as error:
+        raise _Unsupported(str(error)) from None
 
 
 def compile_condition(text: str, context: ContextName) -> Predicate[Any]:
