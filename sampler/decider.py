@@ -161,7 +161,7 @@ class Decider:
         The set empties as they are decided; those that left the buffer otherwise are let go in `decide`.
         """
         stale = self._stale_attributes
-        keys = attribute_keys(self.policies)
+        keys = self._attribute_keys
         evaluated = reason not in _UNEVALUATED
         for trace in traces:
             if trace in stale:

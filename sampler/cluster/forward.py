@@ -861,8 +861,9 @@ class Forwarder:
             return [entry]
         half = len(traces) // 2
         return [
-            *self._traces_entries(traces[:half], _span_count(traces[:half]), hops, ring),
-            *self._traces_entries(traces[half:], _span_count(traces[half:]), hops, ring),
+            entry
+            for part in (traces[:half], traces[half:])
+            for entry in self._traces_entries(part, _span_count(part), hops, ring)
         ]
 
     def full(self, peer: str) -> bool:
