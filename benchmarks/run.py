@@ -65,11 +65,19 @@ class BenchError(Exception):
     """A server did not start or a run could not complete."""
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing is bound to and not handed out before in this run: ports are chosen before
+    the servers bind them (a member's peers before its own listeners), so the kernel may offer one twice."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _stat_fields(pid: int) -> list[str] | None:
