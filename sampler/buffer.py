@@ -627,8 +627,8 @@ class TraceBuffer:
 
         The inner loop runs once per span: it is written for the interpreter, with the rare cases (new
         trace, root span, invalid ids, full trace) moved out to methods. In a cluster, `foreign_owner`
-        is asked about each trace id not buffered here; the spans of a trace another member owns are
-        checked and summarized as if buffered, into a trace left in `result.foreign` for the caller to
+        is asked about each trace id not buffered here; the spans of a trace another member owns (and
+        this one did not decide) are checked and summarized as if buffered, into a trace left in `result.foreign` for the caller to
         forward: its owner merges it into its own in one step (add_traces).
         """
         result = IngestResult()
@@ -673,7 +673,7 @@ class TraceBuffer:
                 if trace is None:
                     if foreign_owner is not None:
                         trace = get_foreign(trace_id) or _foreign_trace(
-                            trace_id, foreign_owner, foreign, result
+                            trace_id, foreign_owner, foreign, result, self.decisions
                         )
                     if trace is None:
                         trace = self._new_trace(trace_id, now, scope, payload, result)
@@ -746,7 +746,8 @@ class TraceBuffer:
 
         A trace decided here already, or one that would reach max_spans_per_trace, goes span by span
         through add_spans, which handles late spans and the limit exactly as for a request. In a
-        cluster, traces `foreign_owner` gives to another member are left in `result.foreign`.
+        cluster, traces `foreign_owner` gives to another member are left in `result.foreign`, but for
+        those decided here.
         """
         result = IngestResult()
         now = self.clock()
@@ -765,7 +766,8 @@ class TraceBuffer:
             trace = get_trace(trace_id)
             if trace is None:
                 owner = None if foreign_owner is None else foreign_owner(trace_id)
-                if owner is not None:
+                # A trace decided here stays here, whoever owns it now: its late spans follow the decision.
+                if owner is not None and lookup(trace_id) is None:
                     result.foreign.setdefault(owner, []).append(incoming)
                     result.accepted += incoming.span_count
                     continue
@@ -994,11 +996,17 @@ class TraceBuffer:
 
 
 def _foreign_trace(
-    trace_id: bytes, foreign_owner: ForeignOwner, foreign: dict[bytes, Trace], result: IngestResult
+    trace_id: bytes,
+    foreign_owner: ForeignOwner,
+    foreign: dict[bytes, Trace],
+    result: IngestResult,
+    decisions: DecisionCache,
 ) -> Trace | None:
-    """A trace to summarize spans into for the member that owns `trace_id`; None when it is this one."""
+    """A trace to summarize spans into for the member that owns `trace_id`; None when it is this one, or
+    when this member decided the trace: its spans are late here and follow that decision, while its new
+    owner (after a membership change) may not have the decision yet."""
     owner = foreign_owner(trace_id)
-    if owner is None:
+    if owner is None or decisions.lookup(trace_id) is not None:
         return None
     trace = foreign[trace_id] = Trace(trace_id, _UNSCHEDULED)
     result.foreign.setdefault(owner, []).append(trace)

@@ -702,3 +702,53 @@ async def test_workers_stop_when_their_supervisor_is_killed(downstream: Downstre
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_a_late_span_of_a_trace_decided_before_a_member_joined_follows_the_decision(
+    cluster: Cluster, downstream: Downstream
+) -> None:
+    """A member decided trace T (kept: an error) while alone; J joins and owns T now. A late span of T
+    reaching the first member while it hands its decisions over (a busy decision cache takes a while)
+    is exported as a late span of the kept trace; it is not sent to J ahead of T's decision, where it
+    would start T again and have it decided a second time (without the error: dropped)."""
+    first_id, joined_id = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    configs = [
+        member_config(downstream, first_id, {"peers": [first_id]}),
+        member_config(downstream, joined_id, {"peers": [first_id, joined_id]}),
+    ]
+    for config in configs:
+        config["tail_sampling"]["policies"] = [
+            {"name": "errors", "type": "status_code", "status_code": {"status_codes": ["ERROR"]}}
+        ]
+    first, joined = await cluster.start(configs[0]), await cluster.start(configs[1])
+    node = first.cluster
+    assert node is not None
+    ring = Ring([first_id, joined_id])
+    rng = random.Random(21)
+    while ring.owner(trace_id := rng.randbytes(16)) != joined_id:
+        pass
+    root = Span(
+        trace_id=trace_id, span_id=rng.randbytes(8), name="root", start_time_unix_nano=1, end_time_unix_nano=2
+    )
+    root.status.code = Status.STATUS_CODE_ERROR
+    await send(receiver_url(first), request_of([root]))
+    await wait_for(lambda: decided([first]) == 1 and len(delivered(downstream)) == 1)
+    for _ in range(100_000):  # a full decision cache of dropped traces (the default size)
+        first.decisions.record(rng.randbytes(16), None)
+    late = Span(
+        trace_id=trace_id,
+        span_id=rng.randbytes(8),
+        parent_span_id=root.span_id,
+        name="late",
+        start_time_unix_nano=3,
+        end_time_unix_nano=4,
+    )
+    node._members_changed((first_id, joined_id))  # as Redis would report the join
+    await asyncio.sleep(0)  # the new ring is in place, the handover under way
+    assert node.ring == ring
+    await send(receiver_url(first), request_of([late]))
+    await wait_for(lambda: node.forwarder.peer_stats(joined_id).decisions > 40_000)
+    await wait_for(lambda: not node.forwarder.pending(joined_id).messages)
+    await asyncio.sleep(1.5)  # past the joined member's decision_wait for anything it buffered
+    assert decided([joined]) == 0  # T was decided once, by the first member
+    assert len(delivered(downstream)) == 2  # and its late span followed the decision

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from sampler.app import _accept_from_peer
-from sampler.buffer import DecisionCache, Trace, TraceBuffer
+from sampler.buffer import DecisionCache, Kept, Trace, TraceBuffer
 from sampler.cluster.forward import ForwardedDecision
 from sampler.cluster.membership import StaticMembership
 from sampler.cluster.node import ClusterNode
@@ -24,22 +27,24 @@ HERE = "127.0.0.1:1"
 
 
 class Member:
-    """A member's node, buffer and ingest (for clients and for peers), with no peer listening anywhere."""
+    """A member's node, buffer and ingest (for clients and for peers). Its peer server, when started,
+    listens on its id (`me`), or anywhere for the default id, where no peer sends."""
 
-    def __init__(self, members: list[str]) -> None:
+    def __init__(self, members: list[str], me: str = HERE, forward: ForwardConfig | None = None) -> None:
         self.decisions = DecisionCache(1000, 1000)
         self.buffer = TraceBuffer(TailSamplingConfig(), frozenset(), self.decisions, lambda: 0.0)
         self.decided: list[Trace] = []
-        self.buffer.connect(lambda traces, reason: self.decided.extend(traces), lambda late: None)
-        metrics = Metrics()
+        self.late: list[object] = []
+        self.buffer.connect(lambda traces, reason: self.decided.extend(traces), self.late.extend)
+        metrics = self.metrics = Metrics()
         self.node = ClusterNode(
-            HERE,
+            me,
             StaticMembership(members),
-            ForwardConfig(),
+            forward or ForwardConfig(max_delay=0.01),
             self.buffer,
             self.decisions,
             metrics,
-            endpoint="127.0.0.1:0",
+            endpoint="127.0.0.1:0" if me == HERE else me,
         )
         self.node.ring = Ring(members)
         self.from_peers = Ingest(
@@ -102,3 +107,72 @@ async def test_spans_a_member_that_stopped_first_did_not_take_are_decided_here_n
     assert member.node.forwarder.pending(LEFT).spans == 0
     assert member.node.forwarder.peer_stats(LEFT).dropped_spans == 0
     assert member.buffer.span_count == 600  # all here, to be decided with the rest at shutdown
+
+
+def owned_by(ring: Ring, member: str, skip: int = 0) -> bytes:
+    """A trace id `ring` gives to `member` (the first, or the one after `skip` others)."""
+    ids = (bytes([n]) * 16 for n in range(1, 255) if ring.owner(bytes([n]) * 16) == member)
+    return list(ids)[skip]
+
+
+def late_span_request(trace_id: bytes, spans: int = 1) -> ExportTraceServiceRequest:
+    """Child spans of `trace_id` (their parent is not among them)."""
+    children = [
+        Span(
+            trace_id=trace_id,
+            span_id=(n + 1).to_bytes(8, "big"),
+            parent_span_id=b"\x06" * 8,
+            name="late child",
+        )
+        for n in range(spans)
+    ]
+    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=children)])])
+
+
+@pytest.fixture
+async def joining() -> AsyncIterator[tuple[str, str, Member]]:
+    """A member's id, and a member that joins it, listening (the second id)."""
+    here, joined = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    member = Member([here, joined], joined)
+    await member.node.server.start()
+    yield here, joined, member
+    await member.node.server.stop()
+    await member.node.forwarder.close()
+
+
+async def test_a_late_span_of_a_trace_decided_here_stays_here_while_a_member_that_joined_owns_it(
+    joining: tuple[str, str, Member],
+) -> None:
+    """A late span reaching this member while it hands its decisions over to a member that joined (the
+    new ring already routes its trace there): it follows this member's decision, and does not start the
+    trace again at the new owner, which would decide it a second time."""
+    here_id, joined_id, joined = joining
+    member = Member([here_id], here_id)
+    try:
+        ring = Ring([here_id, joined_id])
+        trace_id = owned_by(ring, joined_id)
+        member.decisions.record(trace_id, Kept("errors", 1.0))
+        applying = asyncio.get_running_loop().create_task(member.node._apply((here_id, joined_id)))
+        await asyncio.sleep(0)  # the new ring is in place, the handover under way
+        assert member.node.ring == ring
+        member.clients.add(decode_protobuf(late_span_request(trace_id).SerializeToString()))
+        await applying
+        assert await member.node.forwarder.flush(5.0)
+        assert len(member.late) == 1  # exported here, as a late span of the kept trace
+        assert joined.decisions.lookup(trace_id) == Kept("errors", 1.0)
+        assert trace_id not in joined.buffer.traces
+        # A span of that trace that a peer still routes here by the ring before stays here too.
+        member.node.accept(peer_traces(trace_id), 1, 0)
+        assert await member.node.forwarder.flush(5.0)
+        assert len(member.late) == 2
+        assert trace_id not in joined.buffer.traces
+    finally:
+        await member.node.forwarder.close()
+
+
+def peer_traces(trace_id: bytes, spans: int = 1) -> list[Trace]:
+    """Child spans of `trace_id` as a peer forwards them."""
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), DecisionCache(10, 10), lambda: 0.0)
+    request = late_span_request(trace_id, spans).SerializeToString()
+    result = buffer.add_spans(decode_protobuf(request), lambda _: "x")
+    return result.foreign["x"]
