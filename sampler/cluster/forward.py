@@ -870,18 +870,21 @@ class Forwarder:
         """Whether `peer`'s queue is full (or the forwarder closed): traces for it would be refused."""
         return self._refusing(peer)
 
-    def send_decisions(self, peer: str, decisions: Sequence[ForwardedDecision]) -> bool:
-        """Queue decisions for `peer`; False when its queue has no room for them."""
+    def send_decisions(self, peer: str, decisions: Sequence[ForwardedDecision], force: bool = False) -> bool:
+        """Queue decisions for `peer`; False when its queue has no room for them (or, with `force`, only
+        when the forwarder is closed)."""
         if not decisions:
             return True
-        if self._refusing(peer):
+        if self._closed or (not force and self._refusing(peer)):
             return self._refuse(peer, 0, len(decisions))
         # A handover's decisions in messages of at most a batch each (an id takes 16 bytes and its group's
         # policy and probability a few more).
         step = max(1, self.config.max_batch_bytes // _DECISION_BYTES)
         chunks = [decisions[start : start + step] for start in range(0, len(decisions), step)]
         return self._enqueue(
-            peer, [_Entry(DECISIONS, (encode_decisions(chunk),), 0, len(chunk), 0.0) for chunk in chunks]
+            peer,
+            [_Entry(DECISIONS, (encode_decisions(chunk),), 0, len(chunk), 0.0) for chunk in chunks],
+            force,
         )
 
     def pending(self, peer: str) -> Pending:

@@ -321,7 +321,9 @@ class ClusterNode:
                     )
             await asyncio.sleep(0)
         for owner, decisions in by_owner.items():
-            self.forwarder.send_decisions(owner, decisions)
+            # Never refused for a full queue (spans a client sent may fill it): without its decision, a
+            # late span starts its trace again at the new owner.
+            self.forwarder.send_decisions(owner, decisions, force=True)
 
     def _peers(self) -> list[str]:
         return [peer for peer in self.ring.members if peer != self.member_id]

@@ -176,3 +176,29 @@ def peer_traces(trace_id: bytes, spans: int = 1) -> list[Trace]:
     request = late_span_request(trace_id, spans).SerializeToString()
     result = buffer.add_spans(decode_protobuf(request), lambda _: "x")
     return result.foreign["x"]
+
+
+async def test_decisions_handed_to_a_member_that_joined_are_not_refused_when_its_queue_is_full() -> None:
+    """Spans queued for a member fill its queue (over `queue_bytes`: a client's request is never cut);
+    the decisions handed to it when it joins the ring are queued all the same, or late spans of those
+    traces would start them again there."""
+    here_id, joined_id = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    member = Member([here_id], here_id, ForwardConfig(max_delay=0.01, queue_bytes=10_000))
+    joined = Member([here_id, joined_id], joined_id)  # not listening yet: what is queued stays queued
+    try:
+        ring = Ring([here_id, joined_id])
+        assert member.node.forwarder.send_traces(
+            joined_id, peer_traces(owned_by(ring, joined_id), 400), 1, True
+        )
+        assert member.node.forwarder.full(joined_id)
+        decided = owned_by(ring, joined_id, 1)
+        member.decisions.record(decided, Kept("errors", 1.0))
+        await member.node._apply((here_id, joined_id))
+        await joined.node.server.start()
+        assert await member.node.forwarder.flush(10.0)
+        assert member.node.forwarder.peer_stats(joined_id).refused_decisions == 0
+        assert joined.decisions.lookup(decided) == Kept("errors", 1.0)
+    finally:
+        await member.node.forwarder.close()
+        await joined.node.server.stop()
+        await joined.node.forwarder.close()
