@@ -276,7 +276,10 @@ class ClusterNode:
         await self._hand_over(new, old)
 
     async def _hand_over(self, ring: Ring, old: Ring | None = None) -> None:
-        """Send buffered traces, and the decisions this member made, that `ring` gives to other members."""
+        """Send the decisions this member made, then the buffered traces, that `ring` gives to other
+        members. Decisions first: until a new owner has them, late spans other members route to it by
+        `ring` start new traces there."""
+        await self._hand_over_decisions(ring, old)
         me = self.member_id
         moving = [trace for trace in list(self.buffer.traces.values()) if ring.owner(trace.trace_id) != me]
         for start in range(0, len(moving), _SLICE):
@@ -298,7 +301,6 @@ class ClusterNode:
                 assert sent  # refused only when the forwarder is closed, which `full` checked
                 self._handed_over.labels(owner).inc(len(taken))
             await asyncio.sleep(0)
-        await self._hand_over_decisions(ring, old)
 
     async def _hand_over_decisions(self, ring: Ring, old: Ring | None) -> None:
         me = self.member_id

@@ -12,7 +12,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 
 from sampler.app import _accept_from_peer
 from sampler.buffer import DecisionCache, Kept, Trace, TraceBuffer
-from sampler.cluster.forward import ForwardedDecision
+from sampler.cluster.forward import DECISIONS, TRACES, ForwardedDecision
 from sampler.cluster.membership import StaticMembership
 from sampler.cluster.node import ClusterNode
 from sampler.cluster.ring import Ring
@@ -202,3 +202,19 @@ async def test_decisions_handed_to_a_member_that_joined_are_not_refused_when_its
         await member.node.forwarder.close()
         await joined.node.server.stop()
         await joined.node.forwarder.close()
+
+
+async def test_a_handover_queues_the_decisions_before_the_traces() -> None:
+    """Late spans that other members route to a member that joined start their traces again there until
+    it has their decisions: those go out first, before the buffered traces (which may take a while)."""
+    here_id, joined_id = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    member = Member([here_id], here_id)  # nobody listens at `joined_id`: what is queued stays queued
+    try:
+        ring = Ring([here_id, joined_id])
+        member.clients.add(decode_protobuf(make_request(200, 3).SerializeToString()))
+        member.decisions.record(owned_by(ring, joined_id), None)
+        await member.node._apply((here_id, joined_id))
+        kinds = [entry.kind for entry in member.node.forwarder._peers[joined_id].entries()]
+        assert kinds[0] == DECISIONS and TRACES in kinds[1:]
+    finally:
+        await member.node.forwarder.close()
