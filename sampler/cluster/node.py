@@ -334,7 +334,8 @@ class ClusterNode:
         return float(sum(self.forwarder.pending(peer).spans for peer in self._peers()))
 
     def _forward_failures(self) -> float:
-        return float(sum(self.forwarder.peer_stats(peer).failures for peer in self._peers()))
+        """A counter: the failures of every peer this member ever forwarded to, members that left too."""
+        return float(sum(stats.failures for stats in self.forwarder.stats.values()))
 
 
 def _refuse(traces: Sequence[Trace], hops: int, ring: int) -> int:

@@ -20,7 +20,7 @@ from sampler.config import ForwardConfig, TailSamplingConfig
 from sampler.metrics import Metrics
 from sampler.receivers.common import Ingest
 from sampler.receivers.otlp_decode import decode_protobuf
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 from tests.otlp_data import make_request
 
 HERE = "127.0.0.1:1"
@@ -202,6 +202,23 @@ async def test_decisions_handed_to_a_member_that_joined_are_not_refused_when_its
         await member.node.forwarder.close()
         await joined.node.server.stop()
         await joined.node.forwarder.close()
+
+
+async def test_the_forward_failures_counter_keeps_the_failures_to_a_member_that_left() -> None:
+    """tailgate_cluster_forward_failures_total is a counter: it must not go back when a member that
+    failed leaves the ring (Prometheus would take it for a restart)."""
+    here, down = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"  # nobody listens at `down`
+    member = Member([here, down], here)
+    name = "tailgate_cluster_forward_failures_total"
+    try:
+        member.clients.add(decode_protobuf(make_request(50, 2).SerializeToString()))
+        assert member.node.forwarder.pending(down).spans > 0
+        await wait_for(lambda: (member.metrics.registry.get_sample_value(name) or 0) >= 2, timeout=10)
+        before = member.metrics.registry.get_sample_value(name)
+        await member.node._apply((here,))  # `down` left: what was queued for it is taken back
+        assert (member.metrics.registry.get_sample_value(name) or 0.0) >= before  # settle retried meanwhile
+    finally:
+        await member.node.forwarder.close()
 
 
 async def test_a_handover_queues_the_decisions_before_the_traces() -> None:
