@@ -480,6 +480,10 @@ class PeerServer:
             connection.abort()
         self._connections.clear()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def _connection(self) -> _PeerConnection:
         connection = _PeerConnection(self)
         if self._stopping:  # a connection accepted just before
@@ -560,6 +564,10 @@ class _PeerConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self._server.opened(self)
+        # Made after the server began stopping (accepted as it stopped, or told to close before it had a
+        # transport): closed before it takes a frame, or spans could be taken after `stop` returned.
+        if self._closing or self._server.stopping:
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

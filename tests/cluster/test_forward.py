@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -821,3 +822,29 @@ async def test_settle_lets_requests_in_flight_finish_so_nothing_is_taken_back_tw
     delivered = peer.hops()
     assert sorted(delivered + taken_back) == list(range(30))
     assert delivered and taken_back
+
+
+async def test_a_connection_accepted_as_the_server_stops_is_closed_and_takes_no_frame() -> None:
+    """The stop starts in the loop iteration that accepts a connection (as when a leaving member's grace
+    ends just then): that connection is closed, and nothing it sends is handed on after `stop` returned
+    (the member decided its buffer then)."""
+    peer = Peer()
+    await peer.server.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Future[None]] = []
+    client = socket.create_connection(("127.0.0.1", peer.server.port))  # waiting in the listen backlog
+    # A timer runs after the I/O callbacks of its iteration: the accept's.
+    loop.call_later(0, lambda: stopping.append(asyncio.ensure_future(peer.server.stop())))
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(stopping[0], 6.0)
+    client.setblocking(False)
+    try:
+        await loop.sock_sendall(client, MAGIC + frame(_GOOD))
+        reply = await asyncio.wait_for(loop.sock_recv(client, 1024), 1.0)
+    except (TimeoutError, OSError):
+        reply = b""
+    finally:
+        client.close()
+    assert peer.span_count() == 0
+    assert reply == b""
+    assert not peer.server._connections
