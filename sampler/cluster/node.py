@@ -134,8 +134,10 @@ class ClusterNode:
         spans back and forth: what one leaving member sends another is buffered there, and decided there.
         """
         self.leaving = True
+        # A Redis that does not answer holds this for `redis.timeout`: a share of the leave's time at most,
+        # the others then drop this member when its key expires.
         with contextlib.suppress(Exception):
-            await self.membership.stop()
+            await asyncio.wait_for(self.membership.stop(), timeout / 4)
         others = [member for member in self.ring.members if member != self.member_id]
         flush_timeout = max(0.0, timeout / 2)
         if others and not isinstance(self.membership, StaticMembership):

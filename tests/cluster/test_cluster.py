@@ -5,8 +5,10 @@ leaving (SIGTERM) and Redis going away lose nothing."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -752,3 +754,29 @@ async def test_a_late_span_of_a_trace_decided_before_a_member_joined_follows_the
     await asyncio.sleep(1.5)  # past the joined member's decision_wait for anything it buffered
     assert decided([joined]) == 0  # T was decided once, by the first member
     assert len(delivered(downstream)) == 2  # and its late span followed the decision
+
+
+async def test_a_member_leaving_while_redis_does_not_answer_stops_within_shutdown_timeout(
+    downstream: Downstream, tmp_path: Path
+) -> None:
+    """`shutdown_timeout` bounds the whole shutdown: a Redis that accepts connections and answers
+    nothing (a partition, a paused server) does not hold a leaving member for `redis.timeout` more."""
+    with RedisServer(tmp_path / "redis") as redis:
+        config = gateway_config(downstream)
+        config["shutdown_timeout"] = "1s"
+        config["cluster"] = {
+            "endpoint": f"127.0.0.1:{free_port()}",
+            "redis": {"address": redis.address, "heartbeat": "0.2s", "timeout": "4s", "key_prefix": "slow"},
+        }
+        gateway = Gateway(parse_config(config))
+        await gateway.start()
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            await gateway.stop()
+            took = time.monotonic() - started
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        assert took < 3.0  # 1 s allowed, 4 s before: redis.timeout on top
