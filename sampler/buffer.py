@@ -628,8 +628,9 @@ class TraceBuffer:
         The inner loop runs once per span: it is written for the interpreter, with the rare cases (new
         trace, root span, invalid ids, full trace) moved out to methods. In a cluster, `foreign_owner`
         is asked about each trace id not buffered here; the spans of a trace another member owns (and
-        this one did not decide) are checked and summarized as if buffered, into a trace left in `result.foreign` for the caller to
-        forward: its owner merges it into its own in one step (add_traces).
+        this one did not decide) are checked and summarized as if buffered, into a trace left in
+        `result.foreign` for the caller to forward: its owner merges it into its own in one step
+        (add_traces).
         """
         result = IngestResult()
         now = self.clock()
