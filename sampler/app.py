@@ -13,7 +13,7 @@ from functools import partial
 
 from policies.registry import build_policies
 from sampler.admin import AdminServer, registry_renderer
-from sampler.buffer import DecisionCache, Trace, TraceBuffer
+from sampler.buffer import DecisionCache, ForeignOwner, Trace, TraceBuffer
 from sampler.cluster.membership import StaticMembership, build_membership
 from sampler.cluster.node import ClusterNode
 from sampler.config import AdminConfig, Config, ForwardConfig
@@ -26,7 +26,7 @@ from sampler.receivers import Ingest, build_receivers
 from sampler.receivers.common import OVERLOADED, Unavailable
 from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.reload import ConfigReloader, live_config, rebuild_policies
-from sampler.wal import WriteAheadLog, replay_decisions
+from sampler.wal import Replay, WriteAheadLog, replay_decisions
 from sampler.workers import announce_worker, local_members, worker_peer_path
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,11 @@ class Gateway:
         for exporter in self._all_exporters():
             await exporter.start()
         self.decider.start()
-        if self.wal is not None:
-            await self._replay(self.wal)
+        replay = None if self.wal is None else await self.wal.open()
         if self.cluster is not None:
-            await self.cluster.start()
+            await self.cluster.start(partial(self._replay, replay))
+        else:
+            self._replay(replay, None)
         for receiver in self.receivers:
             await receiver.start()
         # After the receivers: their servers are part of the footprint at start that RSS is measured from.
@@ -177,28 +178,36 @@ class Gateway:
                 await self.wal.close()
             await self.admin.stop()
 
-    async def _replay(self, wal: WriteAheadLog) -> None:
-        """Open the write-ahead log and buffer again what a previous run accepted and did not finish: its
-        logged decisions first, so that spans of traces decided then follow those decisions."""
-        replay = await wal.open()
+    def _replay(self, replay: Replay | None, foreign_owner: ForeignOwner | None) -> None:
+        """Buffer again what a previous run accepted and did not finish (`replay`: what the write-ahead
+        log holds; None without the log): its logged decisions first, so that spans of traces decided
+        then follow those decisions. In a cluster, spans of traces another member owns (`foreign_owner`)
+        are left out: they were forwarded to it when they arrived, and it logs what it gets."""
+        wal = self.wal
+        if replay is None or wal is None:
+            return
         replay_decisions(self.decisions, replay)
-        spans = 0
+        spans = forwarded = 0
         for seq, body in replay.requests:
             try:
                 batches = decode_protobuf(body)
             except DecodeError:
                 continue  # a record that passed its CRC holds what a receiver decoded: not expected
             self.buffer.seq = seq
-            result = self.buffer.add_spans(batches)
+            result = self.buffer.add_spans(batches, foreign_owner)
             self.decider.count_late(result)
-            spans += result.accepted
+            others = sum(trace.span_count for traces in result.foreign.values() for trace in traces)
+            spans += result.accepted - others
+            forwarded += others
         wal.count_replayed(spans)
         wal.start()
         if replay.requests or replay.decisions:
             log.info(
-                "write-ahead log: replayed %d requests (%d spans) and %d decisions from %s",
+                "write-ahead log: replayed %d requests (%d spans, leaving out %d of traces other members "
+                "own) and %d decisions from %s",
                 len(replay.requests),
                 spans,
+                forwarded,
                 len(replay.decisions),
                 wal.directory,
             )

@@ -32,7 +32,8 @@ from opentelemetry.trace import StatusCode
 import sampler.wal
 from sampler.app import Gateway
 from sampler.buffer import DecisionCache, Kept, TraceBuffer
-from sampler.config import TailSamplingConfig, WALConfig
+from sampler.cluster.ring import Ring
+from sampler.config import TailSamplingConfig, WALConfig, parse_config
 from sampler.metrics import Metrics
 from sampler.receivers.common import Ingest
 from sampler.receivers.otlp_decode import decode_protobuf
@@ -50,7 +51,7 @@ from tests.conftest import Downstream as ConftestDownstream
 from tests.conftest import GatewayFactory, free_port, gateway_config, metric, receiver_url, wait_for
 from tests.exporters.helpers import Downstream
 from tests.grpc_downstream import GRPCDownstream
-from tests.otlp_data import ERRORS_ONLY, PROTOBUF, post, send
+from tests.otlp_data import ERRORS_ONLY, PROTOBUF, make_request, post, send
 from tests.test_cli import wait_ready
 from tests.test_mixed_protocols import all_protocols_config, send_trace_over_three_protocols
 from tests.test_outage import admin_port, run_gateway
@@ -675,3 +676,59 @@ async def test_spans_over_every_protocol_are_logged_and_replayed_whole(
         assert {span.trace_id for span in spans} == {kept_id}
     zipkin = [span for _, _, span in downstream.spans() if span.name == "charge card"]
     assert len(zipkin) == 1 and zipkin[0].status.code == Status.STATUS_CODE_ERROR
+
+
+async def test_a_cluster_member_replays_only_its_own_traces_not_those_it_forwarded(tmp_path: Path) -> None:
+    """A member logs each client request whole, spans of other members' traces included; those went to
+    their owners as they arrived (which log them in turn). After kill -9 it replays only the traces it
+    owns: replayed too, the others were decided a second time here, each span exported twice."""
+    downstream = Downstream()
+    port = free_port()
+    await downstream.start(port)
+    logging_id, owner_id = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    cluster = {"peers": [logging_id, owner_id]}
+    # The member with the log holds its own traces past the kill; the other decides at once.
+    config = wal_config(port, tmp_path / "wal", "wal", fsync="always")
+    config["tail_sampling"].update(
+        policies=[{"name": "all", "type": "always_sample"}],
+        decision_wait="60s",
+        decision_wait_after_root_received="60s",
+    )
+    config["cluster"] = {"endpoint": logging_id, **cluster}
+    owner_config = wal_config(port, tmp_path / "unused", "none")
+    owner_config["tail_sampling"]["policies"] = [{"name": "all", "type": "always_sample"}]
+    owner_config["cluster"] = {"endpoint": owner_id, **cluster}
+    owner = Gateway(parse_config(owner_config))
+    await owner.start()
+    request = make_request(40, 3)
+    ring = Ring([logging_id, owner_id])
+    owned = {span.trace_id for span in request.resource_spans[0].scope_spans[0].spans}
+    owned_there = {trace_id for trace_id in owned if ring.owner(trace_id) == owner_id}
+    assert 0 < len(owned_there) < len(owned)
+    process = run_gateway(config, tmp_path / "config.yaml")
+    try:
+        await wait_ready(admin_port(config), process)
+        url = f"http://{config['receivers']['otlp']['http']['endpoint']}/v1/traces"
+        await send(url, request)
+        await wait_for(lambda: len(downstream.delivered_spans()) == 3 * len(owned_there), timeout=10)
+        process.kill()
+        await asyncio.to_thread(process.wait, 10)
+        config["tail_sampling"].update(decision_wait="0.5s", decision_wait_after_root_received="0.5s")
+        restarted = run_gateway(config, tmp_path / "config.yaml")
+        try:
+            await wait_ready(admin_port(config), restarted)
+            await wait_for(lambda: len(downstream.delivered_spans()) >= 3 * len(owned), timeout=10)
+            await asyncio.sleep(0.5)  # anything decided twice arrives meanwhile
+            restarted.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(restarted.wait, 30)
+        finally:
+            if restarted.poll() is None:
+                restarted.kill()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        await owner.stop()
+        await downstream.stop()
+    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
+    assert {trace_id for trace_id, _ in arrived} == owned
+    assert set(arrived.values()) == {1}
