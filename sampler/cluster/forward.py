@@ -895,6 +895,10 @@ class Forwarder:
             force,
         )
 
+    def peers(self) -> list[str]:
+        """The peers messages were queued for, and not forgotten since."""
+        return list(self._peers)
+
     def pending(self, peer: str) -> Pending:
         state = self._peers.get(peer)
         if state is None:

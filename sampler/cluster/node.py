@@ -160,7 +160,8 @@ class ClusterNode:
             # A peer that stopped first (a worker with nothing left to do), or one that does not answer:
             # what it did not take is decided here with the rest, rather than dropped.
             kept = 0
-            for peer in self._peers():
+            # Every peer with a queue: also one that left the ring while its requests were being settled.
+            for peer in self.forwarder.peers():
                 for message in self.forwarder.take_undelivered(peer, self.buffer.intern_scope):
                     self._take_back(message.traces, LEFT, 0)
                     kept += sum(trace.span_count for trace in message.traces)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -235,3 +236,27 @@ async def test_a_handover_queues_the_decisions_before_the_traces() -> None:
         assert kinds[0] == DECISIONS and TRACES in kinds[1:]
     finally:
         await member.node.forwarder.close()
+
+
+async def test_spans_queued_for_a_member_that_left_during_the_leave_are_decided_here_not_dropped() -> None:
+    """This member leaves while it still settles a member that left the ring just before (a request to
+    it in flight, unanswered, so its queue is not yet taken back): what was queued for that member is
+    taken back too, not dropped when the forwarder closes."""
+    silent = socket.socket()  # takes connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    gone = f"127.0.0.1:{silent.getsockname()[1]}"
+    member = Member([HERE, gone])
+    try:
+        member.clients.add(decode_protobuf(make_request(200, 3).SerializeToString()))
+        await wait_for(lambda: member.node.forwarder.pending(gone).in_flight)
+        applying = asyncio.get_running_loop().create_task(member.node._apply((HERE,)))
+        await asyncio.sleep(0.05)  # `gone` is out of the ring, the request to it being settled
+        assert member.node.ring == Ring([HERE]) and not applying.done()
+        await member.node.leave(timeout=0.2)
+        applying.cancel()  # as the gateway's stop does after the leave
+        await member.node.forwarder.close()
+        assert member.node.forwarder.peer_stats(gone).dropped_spans == 0
+        assert member.buffer.span_count == 600
+    finally:
+        silent.close()
