@@ -874,9 +874,10 @@ class Forwarder:
             for entry in self._traces_entries(part, _span_count(part), hops, ring)
         ]
 
-    def full(self, peer: str) -> bool:
-        """Whether `peer`'s queue is full (or the forwarder closed): traces for it would be refused."""
-        return self._refusing(peer)
+    def full(self, peer: str, allowance: int = 0) -> bool:
+        """Whether `peer`'s queue is full (or the forwarder closed): traces for it would be refused.
+        `allowance`: bytes of it not to count (what the caller itself just queued)."""
+        return self._refusing(peer, allowance)
 
     def send_decisions(self, peer: str, decisions: Sequence[ForwardedDecision], force: bool = False) -> bool:
         """Queue decisions for `peer`; False when its queue has no room for them (or, with `force`, only
@@ -1021,10 +1022,11 @@ class Forwarder:
 
     # -- queueing
 
-    def _refusing(self, peer: str) -> bool:
-        """Closed, or `peer`'s queue is full to the byte: refused before spending time on encoding."""
+    def _refusing(self, peer: str, allowance: int = 0) -> bool:
+        """Closed, or `peer`'s queue is full to the byte (`allowance` of it not counted): refused before
+        spending time on encoding."""
         state = self._peers.get(peer)
-        return self._closed or (state is not None and state.bytes >= self.config.queue_bytes)
+        return self._closed or (state is not None and state.bytes - allowance >= self.config.queue_bytes)
 
     def _enqueue(self, peer: str, entries: list[_Entry], force: bool = False) -> bool:
         """Queue `entries` for `peer`, all or (when its queue has no room for them all) none."""

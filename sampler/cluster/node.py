@@ -286,7 +286,7 @@ class ClusterNode:
         """Send the decisions this member made, then the buffered traces, that `ring` gives to other
         members. Decisions first: until a new owner has them, late spans other members route to it by
         `ring` start new traces there."""
-        await self._hand_over_decisions(ring, old)
+        decisions_queued = await self._hand_over_decisions(ring, old)
         me = self.member_id
         moving = [trace for trace in list(self.buffer.traces.values()) if ring.owner(trace.trace_id) != me]
         for start in range(0, len(moving), _SLICE):
@@ -294,7 +294,8 @@ class ClusterNode:
             for trace in moving[start : start + _SLICE]:
                 by_owner.setdefault(ring.owner(trace.trace_id), []).append(trace)
             for owner, traces in by_owner.items():
-                if self.forwarder.full(owner):
+                # Full by what it held before this handover: its decisions do not keep its traces here.
+                if self.forwarder.full(owner, decisions_queued.get(owner, 0)):
                     log.warning(
                         "cluster: %d traces for %s kept here (its queue is full); deciding them here",
                         len(traces),
@@ -309,7 +310,9 @@ class ClusterNode:
                 self._handed_over.labels(owner).inc(len(taken))
             await asyncio.sleep(0)
 
-    async def _hand_over_decisions(self, ring: Ring, old: Ring | None) -> None:
+    async def _hand_over_decisions(self, ring: Ring, old: Ring | None) -> dict[str, int]:
+        """Queue the decisions this member made that `ring` gives to other members; the bytes queued per
+        member."""
         me = self.member_id
         decided: list[tuple[bytes, Kept | None]] = []
         if self.decisions.kept is not None:
@@ -329,10 +332,14 @@ class ClusterNode:
                         else ForwardedDecision(trace_id, False, "", 1.0)
                     )
             await asyncio.sleep(0)
+        queued: dict[str, int] = {}
         for owner, decisions in by_owner.items():
+            before = self.forwarder.pending(owner).bytes
             # Never refused for a full queue (spans a client sent may fill it): without its decision, a
             # late span starts its trace again at the new owner.
             self.forwarder.send_decisions(owner, decisions, force=True)
+            queued[owner] = self.forwarder.pending(owner).bytes - before
+        return queued
 
     def _peers(self) -> list[str]:
         return [peer for peer in self.ring.members if peer != self.member_id]

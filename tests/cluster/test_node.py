@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from collections.abc import AsyncIterator
 from functools import partial
@@ -260,3 +261,27 @@ async def test_spans_queued_for_a_member_that_left_during_the_leave_are_decided_
         assert member.buffer.span_count == 600
     finally:
         silent.close()
+
+
+async def test_decisions_handed_over_first_do_not_keep_the_traces_from_being_handed_over() -> None:
+    """The decisions go first and are never refused; their bytes must not then make the new owner's
+    queue look full to the traces handed over after them, which would be kept and decided here while
+    their later spans go to the new owner."""
+    here_id, joined_id = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    member = Member([here_id], here_id, ForwardConfig(max_delay=0.01, queue_bytes=10_000))
+    try:
+        ring = Ring([here_id, joined_id])
+        member.clients.add(decode_protobuf(make_request(100, 3).SerializeToString()))
+        moving = [trace_id for trace_id in member.buffer.traces if ring.owner(trace_id) == joined_id]
+        rng = random.Random(5)
+        ids = (rng.randbytes(16) for _ in range(10_000))
+        # 900 of them: the decision cache holds 1000.
+        decided = [trace_id for trace_id in ids if ring.owner(trace_id) == joined_id][:900]
+        for trace_id in decided:
+            member.decisions.record(trace_id, Kept("errors", 1.0))
+        await member.node._apply((here_id, joined_id))
+        assert member.node.forwarder.pending(joined_id).decisions == len(decided) > 600
+        assert not [trace_id for trace_id in moving if trace_id in member.buffer.traces]
+        assert member.node.forwarder.pending(joined_id).spans == 3 * len(moving) > 0
+    finally:
+        await member.node.forwarder.close()
