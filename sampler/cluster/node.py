@@ -42,6 +42,8 @@ _SLICE = 2000
 LEAVE_GRACE = 0.5
 # How long requests in flight to a member that left may take to be answered before they are re-routed.
 SETTLE_TIMEOUT = 1.0
+# The least time a leaving member gives the membership to record its leave (see `leave`).
+MEMBERSHIP_LEAVE = 1.0
 # How long a client's request waits, before its body is read, while the queue for another member holds
 # a whole batch more than is in flight; then it is taken anyway, or refused (503, Retry-After) if that
 # queue is full.
@@ -138,10 +140,11 @@ class ClusterNode:
         spans back and forth: what one leaving member sends another is buffered there, and decided there.
         """
         self.leaving = True
-        # A Redis that does not answer holds this for `redis.timeout`: a share of the leave's time at most,
-        # the others then drop this member when its key expires.
+        # A Redis that does not answer holds this for `redis.timeout`: a share of the leave's time at most
+        # (the others then drop this member when its key expires), but never less than MEMBERSHIP_LEAVE,
+        # so that a short shutdown_timeout still tells a Redis that answers.
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.membership.stop(), timeout / 4)
+            await asyncio.wait_for(self.membership.stop(), max(timeout / 4, MEMBERSHIP_LEAVE))
         others = [member for member in self.ring.members if member != self.member_id]
         flush_timeout = max(0.0, timeout / 2)
         if others and not isinstance(self.membership, StaticMembership):

@@ -803,3 +803,18 @@ async def test_a_member_that_cannot_listen_for_peers_leaves_redis_before_it_exit
         taken.close()
     other = await cluster.start(member_config(cluster.downstream, f"127.0.0.1:{free_port()}", membership))
     assert metric(other, "tailgate_cluster_members") == 1
+
+
+async def test_a_member_with_a_short_shutdown_timeout_still_leaves_redis_at_once(
+    cluster: Cluster, redis: RedisServer
+) -> None:
+    membership = {
+        "redis": {"address": redis.address, "key_prefix": "short", "timeout": "30s", "heartbeat": "0.2s"}
+    }
+    staying = await cluster.start(member_config(cluster.downstream, f"127.0.0.1:{free_port()}", membership))
+    leaving_config = member_config(cluster.downstream, f"127.0.0.1:{free_port()}", membership)
+    leaving_config["shutdown_timeout"] = "0s"
+    leaving = await cluster.start(leaving_config)
+    await wait_for(lambda: metric(staying, "tailgate_cluster_members") == 2)
+    await leaving.stop()
+    await wait_for(lambda: metric(staying, "tailgate_cluster_members") == 1, timeout=3)  # not after 30 s
