@@ -13,7 +13,7 @@ from functools import partial
 
 from policies.registry import build_policies
 from sampler.admin import AdminServer, registry_renderer
-from sampler.buffer import DecisionCache, ForeignOwner, Trace, TraceBuffer
+from sampler.buffer import DecisionCache, SpanBatch, Trace, TraceBuffer
 from sampler.cluster.membership import StaticMembership, build_membership
 from sampler.cluster.node import ClusterNode
 from sampler.config import AdminConfig, Config, ForwardConfig
@@ -26,7 +26,7 @@ from sampler.receivers import Ingest, build_receivers
 from sampler.receivers.common import OVERLOADED, Unavailable
 from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.reload import ConfigReloader, live_config, rebuild_policies
-from sampler.wal import Replay, WriteAheadLog, replay_decisions
+from sampler.wal import WriteAheadLog, replay_decisions
 from sampler.workers import announce_worker, local_members, worker_peer_path
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,10 @@ class Gateway:
         for exporter in self._all_exporters():
             await exporter.start()
         self.decider.start()
-        replay = None if self.wal is None else await self.wal.open()
+        if self.wal is not None:
+            await self._replay(self.wal)
         if self.cluster is not None:
-            await self.cluster.start(partial(self._replay, replay))
-        else:
-            self._replay(replay, None)
+            await self.cluster.start()
         for receiver in self.receivers:
             await receiver.start()
         # After the receivers: their servers are part of the footprint at start that RSS is measured from.
@@ -178,14 +177,12 @@ class Gateway:
                 await self.wal.close()
             await self.admin.stop()
 
-    def _replay(self, replay: Replay | None, foreign_owner: ForeignOwner | None) -> None:
-        """Buffer again what a previous run accepted and did not finish (`replay`: what the write-ahead
-        log holds; None without the log): its logged decisions first, so that spans of traces decided
-        then follow those decisions. In a cluster, spans of traces another member owns (`foreign_owner`)
-        are left out: they were forwarded to it when they arrived, and it logs what it gets."""
-        wal = self.wal
-        if replay is None or wal is None:
-            return
+    async def _replay(self, wal: WriteAheadLog) -> None:
+        """Open the write-ahead log and buffer again what a previous run accepted and did not finish: its
+        logged decisions first, so that spans of traces decided then follow those decisions. Spans a
+        request had forwarded to other members (a cluster) are left out: they are theirs, and each logs
+        what it gets."""
+        replay = await wal.open()
         replay_decisions(self.decisions, replay)
         spans = forwarded = 0
         for seq, body in replay.requests:
@@ -193,12 +190,14 @@ class Gateway:
                 batches = decode_protobuf(body)
             except DecodeError:
                 continue  # a record that passed its CRC holds what a receiver decoded: not expected
+            elsewhere = replay.forwarded.get(seq)
+            if elsewhere:
+                batches, left_out = _without_traces(batches, elsewhere)
+                forwarded += left_out
             self.buffer.seq = seq
-            result = self.buffer.add_spans(batches, foreign_owner)
+            result = self.buffer.add_spans(batches)
             self.decider.count_late(result)
-            others = sum(trace.span_count for traces in result.foreign.values() for trace in traces)
-            spans += result.accepted - others
-            forwarded += others
+            spans += result.accepted
         wal.count_replayed(spans)
         wal.start()
         if replay.requests or replay.decisions:
@@ -300,6 +299,20 @@ def build_cluster(
         metrics,
         endpoint=cluster.endpoint,
     )
+
+
+def _without_traces(batches: list[SpanBatch], trace_ids: set[bytes]) -> tuple[list[SpanBatch], int]:
+    """`batches` without the spans of `trace_ids`; how many spans were left out."""
+    kept: list[SpanBatch] = []
+    left_out = 0
+    for batch in batches:
+        pairs = [(span, payload) for span, payload in zip(batch.spans, batch.payloads, strict=True)]
+        staying = [(span, payload) for span, payload in pairs if span.trace_id not in trace_ids]
+        left_out += len(pairs) - len(staying)
+        if staying:
+            spans, payloads = zip(*staying, strict=True)
+            kept.append(SpanBatch(batch.resource, batch.scope, batch.resource_payload, spans, payloads))
+    return kept, left_out
 
 
 def _accept_from_peer(ingest: Ingest, traces: list[Trace], hops: int, ring: int) -> int:

@@ -9,7 +9,9 @@ marks, and once the exporters have settled past those marks it writes the checkp
 segments wholly below it.
 
 Decisions are logged too, so that after a restart spans of a trace decided before the crash follow its
-decision instead of being judged alone. A kept decision still in the decision cache is carried over to the
+decision instead of being judged alone. In a cluster, a request's spans of traces another member owns are
+forwarded to it (which logs them in turn): the ids of those traces are logged after the request, and left
+out of its replay. A kept decision still in the decision cache is carried over to the
 newest segment when the segment holding it is deleted, for spans that arrive late.
 """
 
@@ -46,6 +48,7 @@ HEADER = struct.Struct(">4sIIBQ")
 _CHECKED = struct.Struct(">BQ")  # the part of the header the CRC covers, before the body
 REQUEST = 1  # body: an ExportTraceServiceRequest as accepted
 DECISIONS = 2  # body: msgpack [dropped trace ids joined, [[policy, probability, kept trace ids joined], ...]]
+FORWARDED = 3  # seq: a request's; body: the ids (joined) of its traces forwarded to other members
 SEGMENT_SUFFIX = ".wal"
 _SEGMENT_NAME = re.compile(r"^(\d{12})\.wal$")
 CHECKPOINT_NAME = "checkpoint"
@@ -83,6 +86,8 @@ class Replay:
 
     requests: list[tuple[int, bytes]] = field(default_factory=list)
     decisions: list[tuple[bytes, Kept | None]] = field(default_factory=list)
+    # Per request (seq): the trace ids of its spans that were forwarded to other members.
+    forwarded: dict[int, set[bytes]] = field(default_factory=dict)
     corrupt: int = 0
 
 
@@ -252,6 +257,11 @@ class WriteAheadLog:
                         continue
                     replay.decisions.extend(decided)
                     segment.kept.extend(trace_id for trace_id, how in decided if how is not None)
+                elif kind == FORWARDED and seq >= self.checkpoint:
+                    try:
+                        replay.forwarded.setdefault(seq, set()).update(_ids(body))
+                    except ValueError:
+                        replay.corrupt += 1
             self._segments.append(segment)
             self.bytes += segment.size
         # After a clean shutdown no segment is left: the numbering goes on from the checkpoint, or requests
@@ -284,6 +294,13 @@ class WriteAheadLog:
         self._write(REQUEST, seq, body)
         self.next_seq = seq + 1
         return seq
+
+    def append_forwarded(self, seq: int, trace_ids: Sequence[bytes]) -> None:
+        """Log that the spans of `trace_ids` in request `seq` went to other members, so that a replay
+        leaves them out. Not written ahead: without it (a crash first, or a write error, counted) a replay
+        buffers them here as well, rather than lose anything."""
+        with contextlib.suppress(WALError):
+            self._write(FORWARDED, seq, b"".join(trace_ids))
 
     def _write_decisions(self) -> None:
         decided = list(self._journal)

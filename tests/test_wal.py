@@ -732,3 +732,47 @@ async def test_a_cluster_member_replays_only_its_own_traces_not_those_it_forward
     arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
     assert {trace_id for trace_id, _ in arrived} == owned
     assert set(arrived.values()) == {1}
+
+
+async def test_traces_a_member_owned_before_a_crash_go_to_their_new_owners_after_it(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A member alone in its ring logs and buffers every trace, and is killed. It comes back with another
+    member in its ring: it replays them all (none was forwarded) and hands the other member its share,
+    each trace decided once, by its owner."""
+    downstream = Downstream()
+    await downstream.start(free_port())
+    me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = wal_config(downstream.port, tmp_path / "wal", "wal")
+    config["tail_sampling"].update(
+        policies=[{"name": "all", "type": "always_sample"}],
+        decision_wait="60s",
+        decision_wait_after_root_received="60s",
+    )
+    config["cluster"] = {"endpoint": me, "peers": [me]}
+    try:
+        first = await start_gateway(config)
+        request = make_request(40, 3)
+        await send(receiver_url(first), request)
+        first.decider.drop_pending_on_shutdown = True  # as if it died: nothing decided, nothing exported
+        await abandon(first)
+        other_config = wal_config(downstream.port, tmp_path / "unused", "none")
+        other_config["tail_sampling"]["policies"] = [{"name": "all", "type": "always_sample"}]
+        other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+        owner = await start_gateway(other_config)
+        config["cluster"] = {"endpoint": me, "peers": [me, other]}
+        config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
+        again = await start_gateway(config)
+        await wait_for(lambda: len(downstream.delivered_spans()) >= 120)
+        await asyncio.sleep(0.5)  # anything decided twice arrives meanwhile
+        ring = Ring([me, other])
+        theirs = {
+            span.trace_id for span in downstream.delivered_spans() if ring.owner(span.trace_id) == other
+        }
+        assert theirs
+        assert metric(owner, "tailgate_traces_decided_total", decision="kept") == len(theirs)
+        assert metric(again, "tailgate_traces_decided_total", decision="kept") == 40 - len(theirs)
+    finally:
+        await downstream.stop()
+    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
+    assert len(arrived) == 120 and set(arrived.values()) == {1}

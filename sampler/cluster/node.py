@@ -117,15 +117,13 @@ class ClusterNode:
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
-    async def start(self, before_listening: Callable[[ForeignOwner | None], None] | None = None) -> None:
-        """Join the membership, take its first view, then listen for peers. `before_listening` is called
-        in between with the router of that view (the write-ahead log's replay: its requests are routed
-        as they were when they arrived, and nothing from peers is taken before they are buffered)."""
+    async def start(self) -> None:
+        """Listen for peers, join the membership, take its first view, and hand over what the write-ahead
+        log replayed that this view gives to other members (the members changed while this one was down)."""
+        await self.server.start()
         await self.membership.start()
         self.ring = Ring(self.membership.members or (self.member_id,))
-        if before_listening is not None:
-            before_listening(self.router(0))
-        await self.server.start()
+        await self._hand_over(self.ring)
         self._rebalancer = asyncio.get_running_loop().create_task(self._rebalance_loop(), name="cluster")
         log.info("cluster member %s: %d members %s", self.member_id, len(self.ring), list(self.ring.members))
 

@@ -138,6 +138,10 @@ class Ingest:
         if result.foreign:
             assert self.cluster is not None
             self.cluster.forward(result.foreign, hops)
+            if self.wal is not None:
+                self.wal.append_forwarded(
+                    seq, [trace.trace_id for traces in result.foreign.values() for trace in traces]
+                )
         result.seq = seq
         self.pressure.update()
         if result.accepted:

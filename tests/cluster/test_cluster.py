@@ -8,7 +8,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -781,28 +780,6 @@ async def test_a_member_leaving_while_redis_does_not_answer_stops_within_shutdow
         finally:
             os.kill(redis.process.pid, signal.SIGCONT)
         assert took < 3.0  # 1 s allowed, 4 s before: redis.timeout on top
-
-
-async def test_a_member_that_cannot_listen_for_peers_leaves_redis_before_it_exits(
-    cluster: Cluster, redis: RedisServer, tmp_path: Path
-) -> None:
-    """A member joins the membership before it listens for peers (so that the write-ahead log's replay
-    knows the ring); when it then cannot listen, the gateway's stop on a failed start leaves at once,
-    rather than have the others route to it until its key expires."""
-    membership = {"redis": {"address": redis.address, "key_prefix": "taken", "timeout": "30s"}}
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    try:
-        endpoint = f"127.0.0.1:{taken.getsockname()[1]}"
-        process = run_gateway(
-            member_config(cluster.downstream, endpoint, membership), tmp_path / "config.yaml"
-        )
-        assert await asyncio.to_thread(process.wait, 30) == 1  # cannot start
-    finally:
-        taken.close()
-    other = await cluster.start(member_config(cluster.downstream, f"127.0.0.1:{free_port()}", membership))
-    assert metric(other, "tailgate_cluster_members") == 1
 
 
 async def test_a_member_with_a_short_shutdown_timeout_still_leaves_redis_at_once(
