@@ -287,7 +287,8 @@ class ClusterNode:
         """Send the decisions this member made, then the buffered traces, that `ring` gives to other
         members. Decisions first: until a new owner has them, late spans other members route to it by
         `ring` start new traces there."""
-        decisions_queued = await self._hand_over_decisions(ring, old)
+        # Bytes this handover queued per member: a queue is full for it only by what it held before.
+        queued = await self._hand_over_decisions(ring, old)
         me = self.member_id
         moving = [trace for trace in list(self.buffer.traces.values()) if ring.owner(trace.trace_id) != me]
         for start in range(0, len(moving), _SLICE):
@@ -295,8 +296,7 @@ class ClusterNode:
             for trace in moving[start : start + _SLICE]:
                 by_owner.setdefault(ring.owner(trace.trace_id), []).append(trace)
             for owner, traces in by_owner.items():
-                # Full by what it held before this handover: its decisions do not keep its traces here.
-                if self.forwarder.full(owner, decisions_queued.get(owner, 0)):
+                if self.forwarder.full(owner, queued.get(owner, 0)):
                     log.warning(
                         "cluster: %d traces for %s kept here (its queue is full); deciding them here",
                         len(traces),
@@ -306,8 +306,10 @@ class ClusterNode:
                 # Queued whatever their size: a handover is not refused halfway.
                 taken = self.buffer.take(traces)
                 hops = LEFT if self.leaving else 1
+                before = self.forwarder.pending(owner).bytes
                 sent = self.forwarder.send_traces(owner, taken, hops, force=True, ring=ring.digest)
                 assert sent  # refused only when the forwarder is closed, which `full` checked
+                queued[owner] = queued.get(owner, 0) + self.forwarder.pending(owner).bytes - before
                 self._handed_over.labels(owner).inc(len(taken))
             await asyncio.sleep(0)
 
