@@ -42,8 +42,9 @@ _SLICE = 2000
 LEAVE_GRACE = 0.5
 # How long requests in flight to a member that left may take to be answered before they are re-routed.
 SETTLE_TIMEOUT = 1.0
-# The least time a leaving member gives the membership to record its leave (see `leave`).
-MEMBERSHIP_LEAVE = 1.0
+# The least time a leaving member gives the membership to record its leave (see `leave`): enough for a
+# Redis that answers, little out of a short shutdown_timeout when it does not.
+MEMBERSHIP_LEAVE = 0.1
 # How long a client's request waits, before its body is read, while the queue for another member holds
 # a whole batch more than is in flight; then it is taken anyway, or refused (503, Retry-After) if that
 # queue is full.

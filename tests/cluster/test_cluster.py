@@ -31,7 +31,7 @@ from sampler.config import ForwardConfig, parse_config
 from tests.cluster.redis_server import RedisServer
 from tests.cluster.summarized import summarize
 from tests.conftest import Downstream, free_port, gateway_config, metric, receiver_url, wait_for
-from tests.otlp_data import post, send
+from tests.otlp_data import make_request, post, send
 from tests.test_cli import wait_ready
 from tests.test_outage import run_gateway
 
@@ -795,3 +795,33 @@ async def test_a_member_with_a_short_shutdown_timeout_still_leaves_redis_at_once
     await wait_for(lambda: metric(staying, "tailgate_cluster_members") == 2)
     await leaving.stop()
     await wait_for(lambda: metric(staying, "tailgate_cluster_members") == 1, timeout=3)  # not after 30 s
+
+
+async def test_a_short_shutdown_timeout_still_flushes_what_is_buffered_while_redis_hangs(
+    downstream: Downstream, tmp_path: Path
+) -> None:
+    """Leaving through a Redis that does not answer takes a share of a short shutdown_timeout, and the
+    buffered traces are still decided and exported within it."""
+    with RedisServer(tmp_path / "redis") as redis:
+        config = gateway_config(
+            downstream,
+            policies=[{"name": "all", "type": "always_sample"}],
+            decision_wait="60s",
+            decision_wait_after_root_received="60s",
+        )
+        config["shutdown_timeout"] = "0.5s"
+        config["cluster"] = {
+            "endpoint": f"127.0.0.1:{free_port()}",
+            "redis": {"address": redis.address, "heartbeat": "0.2s", "timeout": "4s", "key_prefix": "slow"},
+        }
+        gateway = Gateway(parse_config(config))
+        await gateway.start()
+        await send(receiver_url(gateway), make_request(20, 3))
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.3)
+            await gateway.stop()
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+    assert len(downstream.spans()) == 60
