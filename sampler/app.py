@@ -119,6 +119,11 @@ class Gateway:
                 self.cluster,
             )
             self.cluster.accept = partial(_accept_from_peer, from_peers)
+            if self.wal is not None:
+                # What other members took is noted in the log, and left out when it is replayed.
+                wal = self.wal
+                self.cluster.forwarder.on_delivered = wal.append_forwarded
+                self.cluster.logged_seq = lambda: wal.next_seq - 1
         self.admin = AdminServer(config.admin.endpoint, registry_renderer(self.metrics), lambda: self.ready)
         # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
         self.reloader = (
@@ -190,9 +195,8 @@ class Gateway:
                 batches = decode_protobuf(body)
             except DecodeError:
                 continue  # a record that passed its CRC holds what a receiver decoded: not expected
-            elsewhere = replay.forwarded.get(seq)
-            if elsewhere:
-                batches, left_out = _without_traces(batches, elsewhere)
+            if replay.forwarded:
+                batches, left_out = _without_traces(batches, replay.forwarded, seq)
                 forwarded += left_out
             self.buffer.seq = seq
             result = self.buffer.add_spans(batches)
@@ -301,13 +305,16 @@ def build_cluster(
     )
 
 
-def _without_traces(batches: list[SpanBatch], trace_ids: set[bytes]) -> tuple[list[SpanBatch], int]:
-    """`batches` without the spans of `trace_ids`; how many spans were left out."""
+def _without_traces(
+    batches: list[SpanBatch], forwarded: dict[bytes, int], seq: int
+) -> tuple[list[SpanBatch], int]:
+    """The batches of request `seq` without the spans other members took (`forwarded`: trace id → the
+    seq its spans were logged up to when they were taken); how many spans were left out."""
     kept: list[SpanBatch] = []
     left_out = 0
     for batch in batches:
         pairs = [(span, payload) for span, payload in zip(batch.spans, batch.payloads, strict=True)]
-        staying = [(span, payload) for span, payload in pairs if span.trace_id not in trace_ids]
+        staying = [(span, payload) for span, payload in pairs if forwarded.get(span.trace_id, -1) < seq]
         left_out += len(pairs) - len(staying)
         if staying:
             spans, payloads = zip(*staying, strict=True)

@@ -10,8 +10,8 @@ segments wholly below it.
 
 Decisions are logged too, so that after a restart spans of a trace decided before the crash follow its
 decision instead of being judged alone. In a cluster, a request's spans of traces another member owns are
-forwarded to it (which logs them in turn): the ids of those traces are logged after the request, and left
-out of its replay. A kept decision still in the decision cache is carried over to the
+forwarded to it (which logs them in turn): once it took them, their trace ids are logged, and left out of
+the replay of the requests before. A kept decision still in the decision cache is carried over to the
 newest segment when the segment holding it is deleted, for spans that arrive late.
 """
 
@@ -48,7 +48,7 @@ HEADER = struct.Struct(">4sIIBQ")
 _CHECKED = struct.Struct(">BQ")  # the part of the header the CRC covers, before the body
 REQUEST = 1  # body: an ExportTraceServiceRequest as accepted
 DECISIONS = 2  # body: msgpack [dropped trace ids joined, [[policy, probability, kept trace ids joined], ...]]
-FORWARDED = 3  # seq: a request's; body: the ids (joined) of its traces forwarded to other members
+FORWARDED = 3  # body: trace ids joined; their spans logged up to seq went to other members, which took them
 SEGMENT_SUFFIX = ".wal"
 _SEGMENT_NAME = re.compile(r"^(\d{12})\.wal$")
 CHECKPOINT_NAME = "checkpoint"
@@ -86,8 +86,8 @@ class Replay:
 
     requests: list[tuple[int, bytes]] = field(default_factory=list)
     decisions: list[tuple[bytes, Kept | None]] = field(default_factory=list)
-    # Per request (seq): the trace ids of its spans that were forwarded to other members.
-    forwarded: dict[int, set[bytes]] = field(default_factory=dict)
+    # Trace ids whose spans other members took (forwarded, handed over): those logged up to this seq.
+    forwarded: dict[bytes, int] = field(default_factory=dict)
     corrupt: int = 0
 
 
@@ -259,9 +259,14 @@ class WriteAheadLog:
                     segment.kept.extend(trace_id for trace_id, how in decided if how is not None)
                 elif kind == FORWARDED and seq >= self.checkpoint:
                     try:
-                        replay.forwarded.setdefault(seq, set()).update(_ids(body))
+                        trace_ids = _ids(body)
                     except ValueError:
                         replay.corrupt += 1
+                        continue
+                    forwarded = replay.forwarded
+                    for trace_id in trace_ids:
+                        if forwarded.get(trace_id, -1) < seq:
+                            forwarded[trace_id] = seq
             self._segments.append(segment)
             self.bytes += segment.size
         # After a clean shutdown no segment is left: the numbering goes on from the checkpoint, or requests
@@ -296,9 +301,9 @@ class WriteAheadLog:
         return seq
 
     def append_forwarded(self, seq: int, trace_ids: Sequence[bytes]) -> None:
-        """Log that the spans of `trace_ids` in request `seq` went to other members, so that a replay
-        leaves them out. Not written ahead: without it (a crash first, or a write error, counted) a replay
-        buffers them here as well, rather than lose anything."""
+        """Log that other members took the spans of `trace_ids` logged up to `seq` (forwarded or handed
+        over), so that a replay leaves them out. Without it (a crash first, or a write error, counted) a
+        replay buffers them here again and hands them over, rather than lose anything."""
         with contextlib.suppress(WALError):
             self._write(FORWARDED, seq, b"".join(trace_ids))
 

@@ -643,6 +643,8 @@ async def abandon(gateway: Gateway) -> None:
     assert gateway.wal is not None
     crash(gateway.wal)
     gateway.wal = None
+    if gateway.cluster is not None:  # nothing the stop delivers to peers is noted in the log
+        gateway.cluster.forwarder.on_delivered = None
     await gateway.stop()
 
 
@@ -772,6 +774,86 @@ async def test_traces_a_member_owned_before_a_crash_go_to_their_new_owners_after
         assert theirs
         assert metric(owner, "tailgate_traces_decided_total", decision="kept") == len(theirs)
         assert metric(again, "tailgate_traces_decided_total", decision="kept") == 40 - len(theirs)
+    finally:
+        await downstream.stop()
+    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
+    assert len(arrived) == 120 and set(arrived.values()) == {1}
+
+
+async def test_traces_handed_over_before_a_crash_are_not_handed_over_again_after_it(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """A member hands its buffered traces to a member that joined, which decides them; then it is
+    killed. The log notes what the other member took, so the restart does not replay and hand those
+    traces over a second time (each exported twice)."""
+    downstream = Downstream()
+    await downstream.start(free_port())
+    me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = wal_config(downstream.port, tmp_path / "wal", "wal")
+    config["tail_sampling"].update(
+        policies=[{"name": "all", "type": "always_sample"}],
+        decision_wait="60s",
+        decision_wait_after_root_received="60s",
+    )
+    config["cluster"] = {"endpoint": me, "peers": [me]}
+    other_config = wal_config(downstream.port, tmp_path / "unused", "none")
+    other_config["tail_sampling"].update(
+        policies=[{"name": "all", "type": "always_sample"}],
+        decision_wait="0.2s",
+        decision_wait_after_root_received="0.2s",
+    )
+    other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+    try:
+        await start_gateway(other_config)
+        first = await start_gateway(config)
+        await send(receiver_url(first), make_request(40, 3))
+        assert first.cluster is not None
+        await first.cluster._apply((me, other))  # as a membership change would
+        assert await first.cluster.forwarder.flush(5.0)
+        await wait_for(lambda: len(downstream.delivered_spans()) > 0)
+        first.decider.drop_pending_on_shutdown = True  # as if it died: nothing decided, nothing exported
+        await abandon(first)
+        config["cluster"] = {"endpoint": me, "peers": [me, other]}
+        config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
+        await start_gateway(config)
+        await wait_for(lambda: len(downstream.delivered_spans()) >= 120)
+        await asyncio.sleep(1.0)  # anything sent twice arrives meanwhile
+    finally:
+        await downstream.stop()
+    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
+    assert len(arrived) == 120 and set(arrived.values()) == {1}
+
+
+async def test_spans_queued_for_a_member_that_is_down_are_replayed_after_a_crash(
+    start_gateway: GatewayFactory, tmp_path: Path
+) -> None:
+    """Spans forwarded to a member that is down wait in memory; the member that took them from the
+    client is killed. They were never taken, so the log does not note them as forwarded: the restart
+    replays them and hands them to their owner, now up. Nothing is lost."""
+    downstream = Downstream()
+    await downstream.start(free_port())
+    me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config = wal_config(downstream.port, tmp_path / "wal", "wal")
+    config["tail_sampling"].update(
+        policies=[{"name": "all", "type": "always_sample"}],
+        decision_wait="60s",
+        decision_wait_after_root_received="60s",
+    )
+    config["cluster"] = {"endpoint": me, "peers": [me, other]}
+    other_config = wal_config(downstream.port, tmp_path / "unused", "none")
+    other_config["tail_sampling"]["policies"] = [{"name": "all", "type": "always_sample"}]
+    other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+    try:
+        first = await start_gateway(config)
+        await send(receiver_url(first), make_request(40, 3))
+        assert first.cluster is not None and first.cluster.forwarder.pending(other).spans > 0
+        first.decider.drop_pending_on_shutdown = True
+        await abandon(first)
+        await start_gateway(other_config)
+        config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
+        await start_gateway(config)
+        await wait_for(lambda: len(downstream.delivered_spans()) >= 120)
+        await asyncio.sleep(0.5)
     finally:
         await downstream.stop()
     arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())

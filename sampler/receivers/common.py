@@ -137,11 +137,7 @@ class Ingest:
         """Forward what the buffer left for other members, and count what became of the spans."""
         if result.foreign:
             assert self.cluster is not None
-            self.cluster.forward(result.foreign, hops)
-            if self.wal is not None:
-                self.wal.append_forwarded(
-                    seq, [trace.trace_id for traces in result.foreign.values() for trace in traces]
-                )
+            self.cluster.forward(result.foreign, hops, seq)
         result.seq = seq
         self.pressure.update()
         if result.accepted:
