@@ -680,33 +680,69 @@ async def test_spans_over_every_protocol_are_logged_and_replayed_whole(
     assert len(zipkin) == 1 and zipkin[0].status.code == Status.STATUS_CODE_ERROR
 
 
-async def test_a_cluster_member_replays_only_its_own_traces_not_those_it_forwarded(tmp_path: Path) -> None:
-    """A member logs each client request whole, spans of other members' traces included; those went to
-    their owners as they arrived (which log them in turn). After kill -9 it replays only the traces it
-    owns: replayed too, the others were decided a second time here, each span exported twice."""
-    downstream = Downstream()
-    port = free_port()
-    await downstream.start(port)
-    logging_id, owner_id = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    cluster = {"peers": [logging_id, owner_id]}
-    # The member with the log holds its own traces past the kill; the other decides at once.
-    config = wal_config(port, tmp_path / "wal", "wal", fsync="always")
+def member_configs(
+    downstream_port: int, tmp_path: Path, me: str, other: str, peers: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two cluster members that keep every trace: `me` with the write-ahead log and `peers` as its ring,
+    holding its traces (decision_wait 60 s) past a crash; `other` without the log, in a ring of both,
+    deciding within 0.2 s."""
+    config = wal_config(downstream_port, tmp_path / "wal", "wal", fsync="always")
     config["tail_sampling"].update(
         policies=[{"name": "all", "type": "always_sample"}],
         decision_wait="60s",
         decision_wait_after_root_received="60s",
     )
-    config["cluster"] = {"endpoint": logging_id, **cluster}
-    owner_config = wal_config(port, tmp_path / "unused", "none")
-    owner_config["tail_sampling"]["policies"] = [{"name": "all", "type": "always_sample"}]
-    owner_config["cluster"] = {"endpoint": owner_id, **cluster}
-    owner = Gateway(parse_config(owner_config))
+    config["cluster"] = {"endpoint": me, "peers": peers}
+    other_config = wal_config(downstream_port, tmp_path / "unused", "none")
+    other_config["tail_sampling"].update(
+        policies=[{"name": "all", "type": "always_sample"}],
+        decision_wait="0.2s",
+        decision_wait_after_root_received="0.2s",
+    )
+    other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+    return config, other_config
+
+
+def restarting(config: dict[str, Any], peers: list[str]) -> dict[str, Any]:
+    """`config` for the restart after a crash: `peers` as its ring, deciding within 0.3 s."""
+    config["cluster"]["peers"] = peers
+    config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
+    return config
+
+
+async def died(gateway: Gateway) -> None:
+    """As kill -9: nothing more decided, exported or logged."""
+    gateway.decider.drop_pending_on_shutdown = True
+    await abandon(gateway)
+
+
+async def each_exactly_once(downstream: Downstream, spans: int) -> None:
+    """Once `spans` spans have arrived, and a moment later (anything sent twice arrives meanwhile), each
+    arrived once."""
+    await wait_for(lambda: len(downstream.delivered_spans()) >= spans)
+    await asyncio.sleep(0.5)
+    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
+    assert len(arrived) == spans and set(arrived.values()) == {1}
+
+
+async def test_a_cluster_member_replays_only_its_own_traces_not_those_it_forwarded(tmp_path: Path) -> None:
+    """A member logs each client request whole, spans of other members' traces included; those went to
+    their owners as they arrived (which log them in turn). After kill -9 it replays only the traces it
+    owns: replayed too, the others were decided a second time here, each span exported twice."""
+    downstream = Downstream()
+    await downstream.start(free_port())
+    me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    config, other_config = member_configs(downstream.port, tmp_path, me, other, [me, other])
+    owner = Gateway(parse_config(other_config))
     await owner.start()
     request = make_request(40, 3)
-    ring = Ring([logging_id, owner_id])
-    owned = {span.trace_id for span in request.resource_spans[0].scope_spans[0].spans}
-    owned_there = {trace_id for trace_id in owned if ring.owner(trace_id) == owner_id}
-    assert 0 < len(owned_there) < len(owned)
+    ring = Ring([me, other])
+    owned_there = {
+        span.trace_id
+        for span in request.resource_spans[0].scope_spans[0].spans
+        if ring.owner(span.trace_id) == other
+    }
+    assert 0 < len(owned_there) < 40
     process = run_gateway(config, tmp_path / "config.yaml")
     try:
         await wait_ready(admin_port(config), process)
@@ -715,25 +751,17 @@ async def test_a_cluster_member_replays_only_its_own_traces_not_those_it_forward
         await wait_for(lambda: len(downstream.delivered_spans()) == 3 * len(owned_there), timeout=10)
         process.kill()
         await asyncio.to_thread(process.wait, 10)
-        config["tail_sampling"].update(decision_wait="0.5s", decision_wait_after_root_received="0.5s")
-        restarted = run_gateway(config, tmp_path / "config.yaml")
+        restarted = run_gateway(restarting(config, [me, other]), tmp_path / "config.yaml")
         try:
             await wait_ready(admin_port(config), restarted)
-            await wait_for(lambda: len(downstream.delivered_spans()) >= 3 * len(owned), timeout=10)
-            await asyncio.sleep(0.5)  # anything decided twice arrives meanwhile
-            restarted.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(restarted.wait, 30)
+            await each_exactly_once(downstream, 120)
         finally:
-            if restarted.poll() is None:
-                restarted.kill()
+            restarted.kill()
     finally:
         if process.poll() is None:
             process.kill()
         await owner.stop()
         await downstream.stop()
-    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
-    assert {trace_id for trace_id, _ in arrived} == owned
-    assert set(arrived.values()) == {1}
 
 
 async def test_traces_a_member_owned_before_a_crash_go_to_their_new_owners_after_it(
@@ -745,28 +773,14 @@ async def test_traces_a_member_owned_before_a_crash_go_to_their_new_owners_after
     downstream = Downstream()
     await downstream.start(free_port())
     me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    config = wal_config(downstream.port, tmp_path / "wal", "wal")
-    config["tail_sampling"].update(
-        policies=[{"name": "all", "type": "always_sample"}],
-        decision_wait="60s",
-        decision_wait_after_root_received="60s",
-    )
-    config["cluster"] = {"endpoint": me, "peers": [me]}
+    config, other_config = member_configs(downstream.port, tmp_path, me, other, [me])
     try:
         first = await start_gateway(config)
-        request = make_request(40, 3)
-        await send(receiver_url(first), request)
-        first.decider.drop_pending_on_shutdown = True  # as if it died: nothing decided, nothing exported
-        await abandon(first)
-        other_config = wal_config(downstream.port, tmp_path / "unused", "none")
-        other_config["tail_sampling"]["policies"] = [{"name": "all", "type": "always_sample"}]
-        other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+        await send(receiver_url(first), make_request(40, 3))
+        await died(first)
         owner = await start_gateway(other_config)
-        config["cluster"] = {"endpoint": me, "peers": [me, other]}
-        config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
-        again = await start_gateway(config)
-        await wait_for(lambda: len(downstream.delivered_spans()) >= 120)
-        await asyncio.sleep(0.5)  # anything decided twice arrives meanwhile
+        again = await start_gateway(restarting(config, [me, other]))
+        await each_exactly_once(downstream, 120)
         ring = Ring([me, other])
         theirs = {
             span.trace_id for span in downstream.delivered_spans() if ring.owner(span.trace_id) == other
@@ -776,8 +790,6 @@ async def test_traces_a_member_owned_before_a_crash_go_to_their_new_owners_after
         assert metric(again, "tailgate_traces_decided_total", decision="kept") == 40 - len(theirs)
     finally:
         await downstream.stop()
-    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
-    assert len(arrived) == 120 and set(arrived.values()) == {1}
 
 
 async def test_traces_handed_over_before_a_crash_are_not_handed_over_again_after_it(
@@ -789,20 +801,7 @@ async def test_traces_handed_over_before_a_crash_are_not_handed_over_again_after
     downstream = Downstream()
     await downstream.start(free_port())
     me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    config = wal_config(downstream.port, tmp_path / "wal", "wal")
-    config["tail_sampling"].update(
-        policies=[{"name": "all", "type": "always_sample"}],
-        decision_wait="60s",
-        decision_wait_after_root_received="60s",
-    )
-    config["cluster"] = {"endpoint": me, "peers": [me]}
-    other_config = wal_config(downstream.port, tmp_path / "unused", "none")
-    other_config["tail_sampling"].update(
-        policies=[{"name": "all", "type": "always_sample"}],
-        decision_wait="0.2s",
-        decision_wait_after_root_received="0.2s",
-    )
-    other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+    config, other_config = member_configs(downstream.port, tmp_path, me, other, [me])
     try:
         await start_gateway(other_config)
         first = await start_gateway(config)
@@ -811,17 +810,11 @@ async def test_traces_handed_over_before_a_crash_are_not_handed_over_again_after
         await first.cluster._apply((me, other))  # as a membership change would
         assert await first.cluster.forwarder.flush(5.0)
         await wait_for(lambda: len(downstream.delivered_spans()) > 0)
-        first.decider.drop_pending_on_shutdown = True  # as if it died: nothing decided, nothing exported
-        await abandon(first)
-        config["cluster"] = {"endpoint": me, "peers": [me, other]}
-        config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
-        await start_gateway(config)
-        await wait_for(lambda: len(downstream.delivered_spans()) >= 120)
-        await asyncio.sleep(1.0)  # anything sent twice arrives meanwhile
+        await died(first)
+        await start_gateway(restarting(config, [me, other]))
+        await each_exactly_once(downstream, 120)
     finally:
         await downstream.stop()
-    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
-    assert len(arrived) == 120 and set(arrived.values()) == {1}
 
 
 async def test_spans_queued_for_a_member_that_is_down_are_replayed_after_a_crash(
@@ -833,28 +826,14 @@ async def test_spans_queued_for_a_member_that_is_down_are_replayed_after_a_crash
     downstream = Downstream()
     await downstream.start(free_port())
     me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    config = wal_config(downstream.port, tmp_path / "wal", "wal")
-    config["tail_sampling"].update(
-        policies=[{"name": "all", "type": "always_sample"}],
-        decision_wait="60s",
-        decision_wait_after_root_received="60s",
-    )
-    config["cluster"] = {"endpoint": me, "peers": [me, other]}
-    other_config = wal_config(downstream.port, tmp_path / "unused", "none")
-    other_config["tail_sampling"]["policies"] = [{"name": "all", "type": "always_sample"}]
-    other_config["cluster"] = {"endpoint": other, "peers": [me, other]}
+    config, other_config = member_configs(downstream.port, tmp_path, me, other, [me, other])
     try:
         first = await start_gateway(config)
         await send(receiver_url(first), make_request(40, 3))
         assert first.cluster is not None and first.cluster.forwarder.pending(other).spans > 0
-        first.decider.drop_pending_on_shutdown = True
-        await abandon(first)
+        await died(first)
         await start_gateway(other_config)
-        config["tail_sampling"].update(decision_wait="0.3s", decision_wait_after_root_received="0.2s")
-        await start_gateway(config)
-        await wait_for(lambda: len(downstream.delivered_spans()) >= 120)
-        await asyncio.sleep(0.5)
+        await start_gateway(restarting(config, [me, other]))
+        await each_exactly_once(downstream, 120)
     finally:
         await downstream.stop()
-    arrived = Counter((span.trace_id, span.span_id) for span in downstream.delivered_spans())
-    assert len(arrived) == 120 and set(arrived.values()) == {1}
