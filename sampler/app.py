@@ -120,10 +120,8 @@ class Gateway:
             )
             self.cluster.accept = partial(_accept_from_peer, from_peers)
             if self.wal is not None:
-                # What other members took is noted in the log, and left out when it is replayed.
-                wal = self.wal
-                self.cluster.forwarder.on_delivered = wal.append_forwarded
-                self.cluster.logged_seq = lambda: wal.next_seq - 1
+                # Traces handed to other members are noted in the log, and left out when it is replayed.
+                self.cluster.handed_over = self.wal.append_handed_over
         self.admin = AdminServer(config.admin.endpoint, registry_renderer(self.metrics), lambda: self.ready)
         # With the file the config came from: reloaded on SIGHUP and, with `reload.watch`, when it changes.
         self.reloader = (
@@ -184,9 +182,9 @@ class Gateway:
 
     async def _replay(self, wal: WriteAheadLog) -> None:
         """Open the write-ahead log and buffer again what a previous run accepted and did not finish: its
-        logged decisions first, so that spans of traces decided then follow those decisions. Spans a
-        request had forwarded to other members (a cluster) are left out: they are theirs, and each logs
-        what it gets."""
+        logged decisions first, so that spans of traces decided then follow those decisions. Spans queued
+        for or handed to other members (a cluster) are left out: they are theirs, and each logs what it
+        gets."""
         replay = await wal.open()
         replay_decisions(self.decisions, replay)
         spans = forwarded = 0
@@ -195,8 +193,9 @@ class Gateway:
                 batches = decode_protobuf(body)
             except DecodeError:
                 continue  # a record that passed its CRC holds what a receiver decoded: not expected
-            if replay.forwarded:
-                batches, left_out = _without_traces(batches, replay.forwarded, seq)
+            elsewhere = replay.forwarded.get(seq, set())
+            if elsewhere or replay.handed_over:
+                batches, left_out = _without_traces(batches, seq, elsewhere, replay.handed_over)
                 forwarded += left_out
             self.buffer.seq = seq
             result = self.buffer.add_spans(batches)
@@ -306,15 +305,20 @@ def build_cluster(
 
 
 def _without_traces(
-    batches: list[SpanBatch], forwarded: dict[bytes, int], seq: int
+    batches: list[SpanBatch], seq: int, forwarded: set[bytes], handed_over: dict[bytes, int]
 ) -> tuple[list[SpanBatch], int]:
-    """The batches of request `seq` without the spans other members took (`forwarded`: trace id → the
-    seq its spans were logged up to when they were taken); how many spans were left out."""
+    """The batches of request `seq` without the spans of its traces queued for other members
+    (`forwarded`) or handed to them later (`handed_over`: trace id → the seq its spans were logged up to
+    then); how many spans were left out."""
     kept: list[SpanBatch] = []
     left_out = 0
     for batch in batches:
         pairs = [(span, payload) for span, payload in zip(batch.spans, batch.payloads, strict=True)]
-        staying = [(span, payload) for span, payload in pairs if forwarded.get(span.trace_id, -1) < seq]
+        staying = [
+            (span, payload)
+            for span, payload in pairs
+            if span.trace_id not in forwarded and handed_over.get(span.trace_id, -1) < seq
+        ]
         left_out += len(pairs) - len(staying)
         if staying:
             spans, payloads = zip(*staying, strict=True)

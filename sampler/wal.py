@@ -10,9 +10,11 @@ segments wholly below it.
 
 Decisions are logged too, so that after a restart spans of a trace decided before the crash follow its
 decision instead of being judged alone. In a cluster, a request's spans of traces another member owns are
-forwarded to it (which logs them in turn): once it took them, their trace ids are logged, and left out of
-the replay of the requests before. A kept decision still in the decision cache is carried over to the
-newest segment when the segment holding it is deleted, for spans that arrive late.
+queued for it (which logs them when it gets them), and buffered traces are handed to new owners when the
+members change: the ids of both are logged, and left out of the replay (a request's forwarded traces from
+that request, handed-over traces from every request logged before the handover). A kept decision still in
+the decision cache is carried over to the newest segment when the segment holding it is deleted, for spans
+that arrive late.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ HEADER = struct.Struct(">4sIIBQ")
 _CHECKED = struct.Struct(">BQ")  # the part of the header the CRC covers, before the body
 REQUEST = 1  # body: an ExportTraceServiceRequest as accepted
 DECISIONS = 2  # body: msgpack [dropped trace ids joined, [[policy, probability, kept trace ids joined], ...]]
-FORWARDED = 3  # body: trace ids joined; their spans logged up to seq went to other members, which took them
+FORWARDED = 3  # seq: a request's; body: the ids (joined) of its traces queued for other members
+HANDED_OVER = 4  # body: the ids (joined) of traces handed to other members with every span logged up to seq
 SEGMENT_SUFFIX = ".wal"
 _SEGMENT_NAME = re.compile(r"^(\d{12})\.wal$")
 CHECKPOINT_NAME = "checkpoint"
@@ -86,8 +89,10 @@ class Replay:
 
     requests: list[tuple[int, bytes]] = field(default_factory=list)
     decisions: list[tuple[bytes, Kept | None]] = field(default_factory=list)
-    # Trace ids whose spans other members took (forwarded, handed over): those logged up to this seq.
-    forwarded: dict[bytes, int] = field(default_factory=dict)
+    # Per request (seq): the ids of its traces queued for other members.
+    forwarded: dict[int, set[bytes]] = field(default_factory=dict)
+    # The ids of traces handed to other members, each with the seq their spans were logged up to then.
+    handed_over: dict[bytes, int] = field(default_factory=dict)
     corrupt: int = 0
 
 
@@ -257,16 +262,19 @@ class WriteAheadLog:
                         continue
                     replay.decisions.extend(decided)
                     segment.kept.extend(trace_id for trace_id, how in decided if how is not None)
-                elif kind == FORWARDED and seq >= self.checkpoint:
+                elif kind in (FORWARDED, HANDED_OVER) and seq >= self.checkpoint:
                     try:
                         trace_ids = _ids(body)
                     except ValueError:
                         replay.corrupt += 1
                         continue
-                    forwarded = replay.forwarded
+                    if kind == FORWARDED:
+                        replay.forwarded.setdefault(seq, set()).update(trace_ids)
+                        continue
+                    handed_over = replay.handed_over
                     for trace_id in trace_ids:
-                        if forwarded.get(trace_id, -1) < seq:
-                            forwarded[trace_id] = seq
+                        if handed_over.get(trace_id, -1) < seq:
+                            handed_over[trace_id] = seq
             self._segments.append(segment)
             self.bytes += segment.size
         # After a clean shutdown no segment is left: the numbering goes on from the checkpoint, or requests
@@ -301,11 +309,18 @@ class WriteAheadLog:
         return seq
 
     def append_forwarded(self, seq: int, trace_ids: Sequence[bytes]) -> None:
-        """Log that other members took the spans of `trace_ids` logged up to `seq` (forwarded or handed
-        over), so that a replay leaves them out. Without it (a crash first, or a write error, counted) a
-        replay buffers them here again and hands them over, rather than lose anything."""
+        """Log that request `seq`'s spans of `trace_ids` were queued for other members, so that its replay
+        leaves them out. Without it (a crash first, or a write error, counted) a replay buffers them here
+        as well, and hands them over."""
         with contextlib.suppress(WALError):
             self._write(FORWARDED, seq, b"".join(trace_ids))
+
+    def append_handed_over(self, trace_ids: Sequence[bytes]) -> None:
+        """Log that the traces of `trace_ids`, with every span logged so far, were handed to other members
+        (as `append_forwarded`, for all the requests logged before)."""
+        if self.next_seq:
+            with contextlib.suppress(WALError):
+                self._write(HANDED_OVER, self.next_seq - 1, b"".join(trace_ids))
 
     def _write_decisions(self) -> None:
         decided = list(self._journal)

@@ -759,10 +759,6 @@ class _Entry:
     decisions: int
     queued_at: float
     size: int = 0
-    # With the write-ahead log: the seq its traces' spans were logged up to, and their ids, noted in the
-    # log once the peer took them (Forwarder.on_delivered).
-    seq: int = -1
-    trace_ids: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         self.size = sum(map(len, self.parts))
@@ -846,51 +842,36 @@ class Forwarder:
         self._progress = asyncio.Event()
         self._failure_log = LogThrottle()
         self._refusal_log = LogThrottle()
-        # Told (seq, trace ids) of each TRACES message sent with a seq, once its peer took it.
-        self.on_delivered: Callable[[int, Sequence[bytes]], None] | None = None
 
     def send_traces(
-        self,
-        peer: str,
-        traces: Sequence[Trace],
-        hops: int,
-        force: bool = False,
-        *,
-        ring: int = 0,
-        seq: int = -1,
+        self, peer: str, traces: Sequence[Trace], hops: int, force: bool = False, *, ring: int = 0
     ) -> bool:
         """Queue traces for `peer` to merge into its own: summarized here, or buffered here and handed
         over. False, with nothing queued, when its queue has no room for them (or, with `force`, only when
         the forwarder is closed: the queue may then exceed its bound).
 
         `hops` reaches the peer's handler as given: the caller counts how often spans were forwarded;
-        `ring` too, the digest of the ring the caller routed them by (Ring.digest). `seq` (with the
-        write-ahead log): the seq the traces' spans were logged up to, for `on_delivered`.
+        `ring` too, the digest of the ring the caller routed them by (Ring.digest).
         """
         spans = _span_count(traces)
         if not spans:
             return True
         if self._closed or (not force and self._refusing(peer)):
             return self._refuse(peer, spans, 0)
-        return self._enqueue(peer, self._traces_entries(traces, spans, hops, ring, seq), force)
+        return self._enqueue(peer, self._traces_entries(traces, spans, hops, ring), force)
 
-    def _traces_entries(
-        self, traces: Sequence[Trace], spans: int, hops: int, ring: int, seq: int
-    ) -> list[_Entry]:
+    def _traces_entries(self, traces: Sequence[Trace], spans: int, hops: int, ring: int) -> list[_Entry]:
         """`traces` as TRACES messages of at most `max_batch_bytes` each (a larger trace alone), so that
         no request is larger than a batch and the peer takes it: a handover or a large client request
         is cut in halves until its messages fit."""
         entry = _Entry(TRACES, traces_message(traces, hops, ring), spans, 0, 0.0)
         if entry.size <= self.config.max_batch_bytes or len(traces) == 1:
-            if seq >= 0:
-                entry.seq = seq
-                entry.trace_ids = tuple(trace.trace_id for trace in traces)
             return [entry]
         half = len(traces) // 2
         return [
             entry
             for part in (traces[:half], traces[half:])
-            for entry in self._traces_entries(part, _span_count(part), hops, ring, seq)
+            for entry in self._traces_entries(part, _span_count(part), hops, ring)
         ]
 
     def full(self, peer: str, allowance: int = 0) -> bool:
@@ -1203,10 +1184,6 @@ class Forwarder:
             stats.spans += spans
             stats.decisions += decisions
             stats.bytes += size
-            if self.on_delivered is not None:
-                for entry in done:
-                    if entry.seq >= 0:
-                        self.on_delivered(entry.seq, entry.trace_ids)
         else:
             stats.rejected_spans += spans
             stats.rejected_decisions += decisions

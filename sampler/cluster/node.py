@@ -86,9 +86,8 @@ class ClusterNode:
         )
         # Set by the gateway: its ingest for spans from peers.
         self.accept: Accept = _refuse
-        # With the write-ahead log: the seq of the last request it logged (what a handover's spans were
-        # logged up to); -1 without it.
-        self.logged_seq: Callable[[], int] = lambda: -1
+        # Set by the gateway with the write-ahead log: notes the ids of traces handed to other members.
+        self.handed_over: Callable[[list[bytes]], None] = lambda trace_ids: None
         self.leaving = False
         self._changes: asyncio.Queue[tuple[str, ...]] = asyncio.Queue()
         self._rebalancer: asyncio.Task[None] | None = None
@@ -221,16 +220,14 @@ class ClusterNode:
             if peer != self.member_id and self.forwarder.full(peer):
                 raise PeerOverloaded(f"the queue of spans for cluster member {peer} is full; retry later")
 
-    def forward(self, foreign: dict[str, list[Trace]], hops: int, seq: int = -1) -> None:
-        """Queue traces summarized here for their owners (`seq`: the write-ahead log's number of the
-        request they came in). Room was checked for a client's request as a whole; one request may take a
-        queue over its bound rather than lose what it already had accepted."""
+    def forward(self, foreign: dict[str, list[Trace]], hops: int) -> None:
+        """Queue traces summarized here for their owners. Room was checked for a client's request as a
+        whole; one request may take a queue over its bound rather than lose what it already had
+        accepted."""
         sent_hops = LEFT if self.leaving else hops + 1
         for owner, traces in foreign.items():
             spans = sum(trace.span_count for trace in traces)
-            if self.forwarder.send_traces(
-                owner, traces, sent_hops, force=True, ring=self.ring.digest, seq=seq
-            ):
+            if self.forwarder.send_traces(owner, traces, sent_hops, force=True, ring=self.ring.digest):
                 self._forwarded.labels(owner).inc(spans)
             else:  # the forwarder is closed: shutting down
                 self._refused.inc(spans)
@@ -313,10 +310,9 @@ class ClusterNode:
                 taken = self.buffer.take(traces)
                 hops = LEFT if self.leaving else 1
                 before = self.forwarder.pending(owner).bytes
-                sent = self.forwarder.send_traces(
-                    owner, taken, hops, force=True, ring=ring.digest, seq=self.logged_seq()
-                )
+                sent = self.forwarder.send_traces(owner, taken, hops, force=True, ring=ring.digest)
                 assert sent  # refused only when the forwarder is closed, which `full` checked
+                self.handed_over([trace.trace_id for trace in taken])
                 queued[owner] = queued.get(owner, 0) + self.forwarder.pending(owner).bytes - before
                 self._handed_over.labels(owner).inc(len(taken))
             await asyncio.sleep(0)

@@ -137,7 +137,12 @@ class Ingest:
         """Forward what the buffer left for other members, and count what became of the spans."""
         if result.foreign:
             assert self.cluster is not None
-            self.cluster.forward(result.foreign, hops, seq)
+            self.cluster.forward(result.foreign, hops)
+            if self.wal is not None:
+                # Not replayed after a crash: they are the other members' now (queued for them here).
+                self.wal.append_forwarded(
+                    seq, [trace.trace_id for traces in result.foreign.values() for trace in traces]
+                )
         result.seq = seq
         self.pressure.update()
         if result.accepted:
