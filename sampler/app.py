@@ -15,7 +15,7 @@ from policies.registry import build_policies
 from sampler.admin import AdminServer, registry_renderer
 from sampler.buffer import DecisionCache, SpanBatch, Trace, TraceBuffer
 from sampler.cluster.membership import StaticMembership, build_membership
-from sampler.cluster.node import ClusterNode
+from sampler.cluster.node import LEFT, ClusterNode
 from sampler.config import AdminConfig, Config, ForwardConfig
 from sampler.decider import Decider, attribute_keys
 from sampler.errors import DecodeError, PeerOverloaded
@@ -119,6 +119,7 @@ class Gateway:
                 self.cluster,
             )
             self.cluster.accept = partial(_accept_from_peer, from_peers)
+            self.cluster.keep = partial(_keep_here, from_peers)
             if self.wal is not None:
                 # Traces handed to other members are noted in the log, and left out when it is replayed.
                 self.cluster.handed_over = self.wal.append_handed_over
@@ -324,6 +325,18 @@ def _without_traces(
             spans, payloads = zip(*staying, strict=True)
             kept.append(SpanBatch(batch.resource, batch.scope, batch.resource_payload, spans, payloads))
     return kept, left_out
+
+
+def _keep_here(ingest: Ingest, traces: list[Trace]) -> None:
+    """Buffer traces taken back from a member that left when the ingest cannot take them now: logged
+    (over the log's bound if need be: they were accepted already, and their first logging noted them as
+    queued for that member), so that a replay has them. When the log cannot be written they are buffered
+    all the same, unlogged."""
+    try:
+        ingest.add_traces(traces, LEFT, force=True)  # routed nowhere: kept here
+    except Unavailable as unavailable:
+        log.error("cluster: %d traces taken back not in the write-ahead log: %s", len(traces), unavailable)
+        ingest.buffer.add_traces(traces)
 
 
 def _accept_from_peer(ingest: Ingest, traces: list[Trace], hops: int, ring: int) -> int:

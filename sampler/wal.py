@@ -296,10 +296,11 @@ class WriteAheadLog:
 
     # -- appending ----------------------------------------------------------------------------------------
 
-    def append_request(self, body: bytes) -> int:
+    def append_request(self, body: bytes, force: bool = False) -> int:
         """Log one accepted request (an encoded ExportTraceServiceRequest); its seq. WALError when the log
-        is full or cannot be written: then nothing of the request may be buffered."""
-        if self.bytes >= self.config.max_bytes:
+        is full (unless `force`: spans accepted before, which must not be refused) or cannot be written:
+        then nothing of the request may be buffered."""
+        if self.bytes >= self.config.max_bytes and not force:
             raise WALError("the write-ahead log is full; retry later")
         if self._journal:
             self._write_decisions()

@@ -84,8 +84,10 @@ class ClusterNode:
             intern_scope=buffer.intern_scope,
             unix_path=unix_path,
         )
-        # Set by the gateway: its ingest for spans from peers.
+        # Set by the gateway: its ingest for spans from peers, and how it buffers here traces this member
+        # takes back when that ingest cannot take them now (logged whatever the log's bound).
         self.accept: Accept = _refuse
+        self.keep: Callable[[list[Trace]], object] = buffer.add_traces
         # Set by the gateway with the write-ahead log: notes the ids of traces handed to other members.
         self.handed_over: Callable[[list[bytes]], None] = lambda trace_ids: None
         self.leaving = False
@@ -236,12 +238,12 @@ class ClusterNode:
     def _take_back(self, traces: list[Trace], hops: int, ring: int) -> None:
         """Route again, or buffer, traces this member holds already (accepted from a client or a peer, and
         not delivered): never refused. When the ingest cannot take them now (memory pressure, the
-        write-ahead log failing), they are buffered here as they are rather than lost."""
+        write-ahead log full or failing), they are buffered here as they are rather than lost."""
         try:
             self.accept(traces, hops, ring)
         except PeerOverloaded as overloaded:
             log.warning("cluster: %d traces kept here as they are: %s", len(traces), overloaded)
-            self.buffer.add_traces(traces)
+            self.keep(traces)
 
     def _on_traces(self, traces: list[Trace], hops: int, ring: int) -> None:
         self.accept(traces, hops, ring)

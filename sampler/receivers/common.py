@@ -106,26 +106,26 @@ class Ingest:
             _tee(self.capture, span_groups(batches) if groups is None else groups)
         return self._counted(self.buffer.add_spans(batches, foreign_owner), seq, 0)
 
-    def add_traces(self, traces: list[Trace], hops: int, ring: int = 0) -> IngestResult:
+    def add_traces(self, traces: list[Trace], hops: int, ring: int = 0, force: bool = False) -> IngestResult:
         """Buffer traces another member summarized and forwarded (`hops`: how often they were forwarded
         already; `ring`: the digest of the ring it routed them by); those the ring here gives to another
         member are forwarded on. Spans from peers are queued on whatever the queues hold: refusing them
         would make members that forward to each other wait on each other. Unavailable when the
-        write-ahead log cannot take them."""
+        write-ahead log cannot take them (with `force`, only when it cannot be written)."""
         cluster = self.cluster
         body = encode_request(trace_groups(traces)) if self.wal is not None else None
-        seq = self._write_ahead(body)
+        seq = self._write_ahead(body, force)
         foreign_owner = None if cluster is None else cluster.router(hops, ring)
         return self._counted(self.buffer.add_traces(traces, foreign_owner), seq, hops)
 
-    def _write_ahead(self, body: bytes | None) -> int:
+    def _write_ahead(self, body: bytes | None, force: bool = False) -> int:
         """Count a request about to be buffered and, with the write-ahead log (then `body` is given), log
-        it: its number in the log, -1 without one."""
+        it (`force`: over the log's bound too): its number in the log, -1 without one."""
         seq = -1
         if self.wal is not None:
             assert body is not None
             try:
-                seq = self.wal.append_request(body)
+                seq = self.wal.append_request(body, force)
             except WALError as error:
                 self.refuse("wal_unavailable")
                 raise Unavailable(str(error), WAL_RETRY_AFTER) from None
