@@ -817,43 +817,23 @@ async def test_traces_handed_over_before_a_crash_are_not_handed_over_again_after
         await downstream.stop()
 
 
-async def test_spans_taken_back_from_a_member_that_left_are_replayed_once(
-    start_gateway: GatewayFactory, tmp_path: Path
+@pytest.mark.parametrize("log_full", [False, True])
+async def test_spans_taken_back_from_a_member_that_left_are_logged_again_and_replayed_once(
+    start_gateway: GatewayFactory, tmp_path: Path, log_full: bool
 ) -> None:
     """Spans queued for a member that leaves before it took them are taken back and buffered here, logged
-    again as they are; a crash then replays them once, not also from the request they came in."""
+    again (over the log's bound when it is full: they were accepted already); a crash then replays them
+    once, not also from the request they came in (which noted them as the other member's), nor never."""
     downstream = Downstream()
     await downstream.start(free_port())
     me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"  # nobody listens at `other`
     config, _ = member_configs(downstream.port, tmp_path, me, other, [me, other])
+    if log_full:
+        config["wal"]["max_bytes"] = 1000  # the one client request fills it
     try:
         first = await start_gateway(config)
         await send(receiver_url(first), make_request(40, 3))
-        assert first.cluster is not None and first.cluster.forwarder.pending(other).spans > 0
-        await first.cluster._apply((me,))  # `other` left: its queue is taken back
-        assert first.cluster.forwarder.pending(other).spans == 0
-        await died(first)
-        await start_gateway(restarting(config, [me]))
-        await each_exactly_once(downstream, 120)
-    finally:
-        await downstream.stop()
-
-
-async def test_spans_taken_back_while_the_log_is_full_are_logged_and_replayed(
-    start_gateway: GatewayFactory, tmp_path: Path
-) -> None:
-    """Spans queued for a member that leaves are taken back; when the ingest cannot take them now (here:
-    the log is full) they are buffered here all the same, and logged over the log's bound, so that a
-    crash then does not lose them (their first logging noted them as the other member's)."""
-    downstream = Downstream()
-    await downstream.start(free_port())
-    me, other = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"  # nobody listens at `other`
-    config, _ = member_configs(downstream.port, tmp_path, me, other, [me, other])
-    config["wal"]["max_bytes"] = 1000  # the one client request fills it
-    try:
-        first = await start_gateway(config)
-        await send(receiver_url(first), make_request(40, 3))
-        assert first.cluster is not None and first.wal is not None and first.wal.full
+        assert first.cluster is not None and first.wal is not None and first.wal.full == log_full
         assert first.cluster.forwarder.pending(other).spans > 0
         await first.cluster._apply((me,))  # `other` left: its queue is taken back
         assert first.cluster.forwarder.pending(other).spans == 0
