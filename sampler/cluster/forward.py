@@ -900,6 +900,11 @@ class Forwarder:
         """The peers messages were queued for, and not forgotten since."""
         return list(self._peers)
 
+    def queued_bytes(self, peer: str) -> int:
+        """The bytes queued and in flight for `peer` (`pending(peer).bytes`, without counting entries)."""
+        state = self._peers.get(peer)
+        return 0 if state is None else state.bytes
+
     def pending(self, peer: str) -> Pending:
         state = self._peers.get(peer)
         if state is None:

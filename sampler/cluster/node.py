@@ -311,11 +311,11 @@ class ClusterNode:
                 # Queued whatever their size: a handover is not refused halfway.
                 taken = self.buffer.take(traces)
                 hops = LEFT if self.leaving else 1
-                before = self.forwarder.pending(owner).bytes
+                before = self.forwarder.queued_bytes(owner)
                 sent = self.forwarder.send_traces(owner, taken, hops, force=True, ring=ring.digest)
                 assert sent  # refused only when the forwarder is closed, which `full` checked
                 self.handed_over([trace.trace_id for trace in taken])
-                queued[owner] = queued.get(owner, 0) + self.forwarder.pending(owner).bytes - before
+                queued[owner] = queued.get(owner, 0) + self.forwarder.queued_bytes(owner) - before
                 self._handed_over.labels(owner).inc(len(taken))
             await asyncio.sleep(0)
 
@@ -343,11 +343,11 @@ class ClusterNode:
             await asyncio.sleep(0)
         queued: dict[str, int] = {}
         for owner, decisions in by_owner.items():
-            before = self.forwarder.pending(owner).bytes
+            before = self.forwarder.queued_bytes(owner)
             # Never refused for a full queue (spans a client sent may fill it): without its decision, a
             # late span starts its trace again at the new owner.
             self.forwarder.send_decisions(owner, decisions, force=True)
-            queued[owner] = self.forwarder.pending(owner).bytes - before
+            queued[owner] = self.forwarder.queued_bytes(owner) - before
         return queued
 
     def _peers(self) -> list[str]:
