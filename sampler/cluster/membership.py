@@ -111,8 +111,9 @@ class RedisMembership:
         self._listen_task: asyncio.Task[None] | None = None
         self._starting = False
         self._running = False
-        # After Redis comes back, members missing from it are kept this long (loop time): a restarted
-        # Redis is empty until every member's next heartbeat, and the view should not flap meanwhile.
+        # After Redis comes back, or lost this member's key while it answered (flushed, evicted, failed
+        # over), members missing from it are kept until then (loop time): Redis is without their keys
+        # until each member's next heartbeat, and the view should not flap meanwhile.
         self._hold_until = 0.0
         self._last_error = ""
         self._last_error_is_auth = False
@@ -251,17 +252,34 @@ class RedisMembership:
         client = self._client
         assert client is not None
         announce = not self.connected
+        # Whether this member's key was gone although it renewed it in time: Redis lost keys while it
+        # answered, the others' too, until their next heartbeat.
+        lost = False
         try:
-            if renew or announce:
-                await client.set(self._key, self.member_id, px=self._ttl_ms)
             if announce:
+                await client.set(self._key, self.member_id, px=self._ttl_ms)
                 await client.publish(self._channel, f"join {self.member_id}")
+            elif renew and not await client.set(self._key, self.member_id, px=self._ttl_ms, xx=True):
+                lost = True
             found = await self._read_members(client)
+            if self.member_id not in found:
+                lost = True
+            if lost:
+                await client.set(self._key, self.member_id, px=self._ttl_ms)
         except (RedisError, OSError) as error:
             self._failed("renewing and reading the members" if renew else "reading the members", error)
             return False
-        if announce and not self._starting:
+        if (announce or lost) and not self._starting:
             self._hold_until = asyncio.get_running_loop().time() + self.config.timeout
+        if lost and not announce and not self._starting:
+            log.warning(
+                "cluster membership: Redis at %s lost this member's key (%s) although it answered "
+                "(flushed, keys evicted, or failed over); registered again, keeping the last known "
+                "members for %gs",
+                self._address,
+                self.member_id,
+                self.config.timeout,
+            )
         self.connected = True
         self._update(found)
         return True
@@ -280,7 +298,10 @@ class RedisMembership:
 
     async def _listen_loop(self) -> None:
         """Wake the sync loop on every join or leave published, and right after (re)subscribing: messages
-        published while not subscribed were missed."""
+        published while not subscribed were missed. A pub/sub connection that fails or goes silent
+        (pinged while quiet, unanswered for `timeout`) is replaced; meanwhile only the wake-ups are
+        missed, and the heartbeat's reads alone say whether Redis answers."""
+        loop = asyncio.get_running_loop()
         while self._running:
             client = self._client
             assert client is not None
@@ -288,12 +309,20 @@ class RedisMembership:
             try:
                 async with pubsub:
                     await pubsub.subscribe(self._channel)
-                    async for _message in pubsub.listen():
-                        if not self._running:
-                            return
-                        self._wake.set()
+                    pinged: float | None = None  # when a ping went unanswered so far
+                    while self._running:
+                        message = await pubsub.get_message(timeout=self.config.heartbeat)
+                        if message is not None:
+                            pinged = None
+                            if message["type"] != "pong":
+                                self._wake.set()
+                        elif pinged is None:
+                            await pubsub.ping()
+                            pinged = loop.time()
+                        elif loop.time() - pinged >= self.config.timeout:
+                            raise ConnectionError(f"no answer to a ping for {self.config.timeout:g}s")
             except (RedisError, OSError) as error:
-                self._failed("listening for member changes", error)
+                self._failed("listening for member changes", error, disconnect=False)
             await asyncio.sleep(self.config.heartbeat)
 
     def _update(self, found: set[str]) -> None:
@@ -321,8 +350,11 @@ class RedisMembership:
             except Exception:
                 log.exception("cluster membership: a callback on member changes failed")
 
-    def _failed(self, what: str, error: Exception, warn: bool = True) -> None:
-        self.connected = False
+    def _failed(self, what: str, error: Exception, warn: bool = True, disconnect: bool = True) -> None:
+        """Count and log a failed operation; with `disconnect`, Redis counts as unreachable until an
+        operation succeeds again (the member then registers again)."""
+        if disconnect:
+            self.connected = False
         self.errors += 1
         self._last_error_is_auth = isinstance(error, AuthenticationError)
         self._last_error = self._describe(error)

@@ -329,3 +329,154 @@ async def test_a_failing_callback_does_not_stop_updates(start_member: MemberFact
     await second.stop()
     await eventually(lambda: len(seen) == 2)
     assert seen == [("10.0.0.1:4319", "10.0.0.2:4319"), ("10.0.0.1:4319",)]
+
+
+IDS = ["10.0.0.1:4319", "10.0.0.2:4319", "10.0.0.3:4319"]
+
+
+async def reset_pubsub_connections(admin: Redis, period: float) -> None:
+    """Reset every pub/sub connection every `period` seconds, as a proxy or load balancer with an idle
+    timeout in front of Redis does (a quiet cluster's pub/sub connections are its only idle ones)."""
+    while True:
+        await asyncio.sleep(period)
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+
+@pytest.mark.parametrize("how", ["subscribe_refused", "pubsub_connections_reset"])
+async def test_a_crashed_member_is_dropped_while_only_pubsub_fails(
+    redis_server: RedisServer, start_member: MemberFactory, how: str
+) -> None:
+    """Redis answers every command but pub/sub fails: the wake-ups are lost, not the heartbeat's reads,
+    so a crashed member's key expires and the others drop it (a pub/sub failure taken for Redis being
+    away started a grace period after each failure, which kept it in every ring)."""
+    host, port = redis_server.address.rsplit(":", 1)
+    admin = Redis(host=host, port=int(port))
+    options: dict[str, object] = {}
+    if how == "subscribe_refused":
+        # Every command a member uses works (SET, PUBLISH, SCAN, DEL) but SUBSCRIBE.
+        await admin.execute_command("ACL", "SETUSER", "tg", "on", ">pw", "~*", "&*", "+@all", "-subscribe")
+        options = {"username": "tg", "password": "pw"}
+    resetting = None
+    try:
+        members = [await start_member(member_id, **options) for member_id in IDS]
+        await eventually(all_see(members, IDS), what="all three see each other")
+        if how == "pubsub_connections_reset":
+            resetting = asyncio.create_task(reset_pubsub_connections(admin, 0.5))
+        await members[2].abandon()  # kill -9: its key expires after `timeout` (1 s)
+        await eventually(all_see(members[:2], IDS[:2]), timeout=6.0, what="the crashed member dropped")
+        assert all(member.connected for member in members[:2])
+    finally:
+        if resetting is not None:
+            resetting.cancel()
+        await admin.aclose()
+
+
+class BlackHoleProxy:
+    """A TCP proxy to Redis that can drop what a pub/sub connection sends and receives, closing nothing,
+    as a NAT or a load balancer that forgot the connection does; it notes when members read the keys."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.pubsub: list[dict[str, bool]] = []
+        self.reads: list[float] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        for writer in self.writers:
+            writer.close()
+
+    def drop_pubsub(self) -> int:
+        for state in self.pubsub:
+            state["dropped"] = True
+        return len(self.pubsub)
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+        self.writers += [client_writer, server_writer]
+        state = {"dropped": False}
+        loop = asyncio.get_running_loop()
+
+        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream: bool) -> None:
+            while data := await reader.read(65536):
+                if upstream and b"SUBSCRIBE" in data and state not in self.pubsub:
+                    self.pubsub.append(state)
+                if state["dropped"]:
+                    continue
+                if upstream and b"SCAN" in data:
+                    self.reads.append(loop.time())
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        for task in (
+            asyncio.create_task(pump(client_reader, server_writer, True)),
+            asyncio.create_task(pump(server_reader, client_writer, False)),
+        ):
+            self.tasks.add(task)
+
+
+async def test_a_pubsub_connection_gone_silent_is_replaced(
+    redis_server: RedisServer, start_member: MemberFactory
+) -> None:
+    """A member's pub/sub connection is dropped on the way without being closed (its command connection
+    works): pinged while quiet and unanswered for `timeout`, it is replaced, and a leave is again seen at
+    once rather than at the member's next heartbeat."""
+    heartbeat, timeout = 1.0, 1.5
+    proxy = BlackHoleProxy(int(redis_server.address.rsplit(":", 1)[1]))
+    proxy_port = await proxy.start()
+    try:
+        watched = await start_member(
+            IDS[0], address=f"127.0.0.1:{proxy_port}", heartbeat=heartbeat, timeout=timeout
+        )
+        others = [
+            await start_member(member_id, heartbeat=heartbeat, timeout=timeout) for member_id in IDS[1:]
+        ]
+        await eventually(all_see([watched, *others], IDS), timeout=3 * heartbeat, what="all see each other")
+        assert proxy.drop_pubsub() == 1
+        await asyncio.sleep(4 * timeout)  # time to notice and subscribe again
+        # Right after the watched member's heartbeat read, so that only pub/sub can tell it sooner.
+        reads = len(proxy.reads)
+        await eventually(lambda: len(proxy.reads) > reads, timeout=2 * heartbeat, what="a heartbeat read")
+        left_at = time.monotonic()
+        await others[1].stop()
+        await eventually(lambda: watched.members == tuple(sorted(IDS[:2])), timeout=2 * heartbeat)
+        seen_after = time.monotonic() - left_at
+        assert seen_after < heartbeat / 2, f"the leave was seen {seen_after:.2f}s later, at a heartbeat read"
+        assert len(proxy.pubsub) == 2  # subscribed again, on a new connection
+    finally:
+        await proxy.stop()
+
+
+async def test_member_keys_lost_while_redis_answers_drop_no_live_member(
+    redis_server: RedisServer, start_member: MemberFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis loses every member key while every connection stays up (FLUSHDB on a shared Redis, eviction
+    under a volatile-* maxmemory-policy, which picks short-lived keys first): each member finds its own key
+    gone, registers again and keeps the members it knew for `timeout`, as after Redis restarted empty;
+    none is dropped and added back (which would hand traces over twice)."""
+    members = [await start_member(member_id) for member_id in IDS]
+    await eventually(all_see(members, IDS), what="all three see each other")
+    views: list[tuple[str, ...]] = []
+    for member in members:
+        member.subscribe(views.append)
+    host, port = redis_server.address.rsplit(":", 1)
+    admin = Redis(host=host, port=int(port))
+    try:
+        await admin.flushdb()
+    finally:
+        await admin.aclose()
+    await asyncio.sleep(1.0 + 3 * HEARTBEAT)
+    assert all_see(members, IDS)()
+    assert views == [], f"live members dropped and added back: {views}"
+    assert await member_keys(redis_server.address) == {f"test:member:{member_id}" for member_id in IDS}
+    assert "lost this member's key" in caplog.text
