@@ -16,7 +16,7 @@ from sampler.admin import AdminServer, registry_renderer
 from sampler.buffer import DecisionCache, SpanBatch, Trace, TraceBuffer
 from sampler.cluster.membership import StaticMembership, build_membership
 from sampler.cluster.node import LEFT, ClusterNode
-from sampler.config import AdminConfig, Config, ForwardConfig
+from sampler.config import Config, ForwardConfig
 from sampler.decider import Decider, attribute_keys
 from sampler.errors import DecodeError, PeerOverloaded
 from sampler.exporters import Exporter, FileExporter, build_exporters
@@ -27,7 +27,7 @@ from sampler.receivers.common import OVERLOADED, Unavailable
 from sampler.receivers.otlp_decode import decode_protobuf
 from sampler.reload import ConfigReloader, live_config, rebuild_policies
 from sampler.wal import WriteAheadLog, replay_decisions
-from sampler.workers import announce_worker, local_members, worker_peer_path
+from sampler.workers import announce_worker, local_members, worker_config, worker_peer_path
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class Gateway:
         supervisor: int | None = None,
     ) -> None:
         if worker is not None:
-            # The supervisor serves the admin endpoint; each worker's own is on an ephemeral port.
-            config = config.model_copy(update={"admin": AdminConfig(endpoint="127.0.0.1:0")})
+            config = worker_config(config, worker[1])
         self.config = config
         self.worker = worker
         # A worker's supervisor: the worker stops when it is no longer its parent (None: its parent now).
@@ -218,6 +217,8 @@ class Gateway:
     def apply_config(self, loaded: Config) -> None:
         """Run a reloaded config: everything but the restart-only sections (sampler/reload.py), which keep
         running as they are. Synchronous, so it lands between two decisions."""
+        if self.worker is not None:
+            loaded = worker_config(loaded, self.worker[1])
         config, restart = live_config(self.config, loaded)
         if restart:
             log.warning("config reload: these settings need a restart to change: %s", ", ".join(restart))

@@ -18,7 +18,8 @@ Contract with the workers:
   only to workers that have announced (one still starting gets it once it announces).
 - Exit status 2: config error; 1: cannot start (e.g. a port cannot be bound), as `tailgate run` exits.
   Any exit the supervisor did not ask for starts the worker again with the same index after a backoff;
-  when the first start of every worker exits with 2, the supervisor gives up and exits 2.
+  when the first start of every worker exits with an error status, the supervisor gives up and exits 2
+  (each a config error) or 1.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -41,9 +43,10 @@ from functools import partial
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
+from pydantic import ByteSize
 
 from sampler.admin import AdminServer
-from sampler.config import Config
+from sampler.config import AdminConfig, Config, load_config
 from sampler.errors import TailgateError
 from sampler.logthrottle import LogThrottle
 from sampler.metrics_merge import cumulative, merge_families, parse_exposition, render
@@ -113,6 +116,16 @@ def local_members(directory: str, count: int) -> list[str]:
     return [f"unix:{worker_peer_path(directory, index)}" for index in range(count)]
 
 
+def worker_config(config: Config, count: int) -> Config:
+    """What one worker of `count` runs: the supervisor serves the admin endpoint (a worker's own is on an
+    ephemeral port), and `memory.max_memory` holds for the gateway, so each worker keeps to an even share
+    of it (the ring spreads the traces evenly)."""
+    memory = config.memory
+    if memory.max_memory is not None:
+        memory = memory.model_copy(update={"max_memory": ByteSize(max(1, memory.max_memory // count))})
+    return config.model_copy(update={"admin": AdminConfig(endpoint="127.0.0.1:0"), "memory": memory})
+
+
 def announce_worker(directory: str, index: int, admin_port: int) -> None:
     """Tell the supervisor that this worker is serving and where its admin endpoint is."""
     path = announcement_path(directory, index)
@@ -176,8 +189,10 @@ class Supervisor:
 
     def __init__(self, config_path: str, config: Config, command: WorkerCommand | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.count = config.workers
         self.command = command or partial(worker_command, config_path)
+        # The workers' shutdown_timeout (reloaded with them) plus SHUTDOWN_GRACE.
         self.stop_timeout = config.shutdown_timeout + SHUTDOWN_GRACE
         self.workers = [WorkerSlot(index) for index in range(self.count)]
         self.directory = ""
@@ -198,8 +213,10 @@ class Supervisor:
         # merged totals keep them so that they never go back when a worker is replaced.
         self.retired: list[Metric] = []
         self._scrapes = 0  # /metrics requests so far
-        # Set when the first start of every worker exited with status 2: the supervisor gives up.
+        # Set when the first start of every worker failed: the supervisor gives up, exiting with
+        # `start_failure_status`.
         self.start_failure: str | None = None
+        self.start_failure_status = EXIT_START_ERROR
         self.stopping = False
         self._stop_requested = asyncio.Event()
         self._supervising: list[asyncio.Task[None]] = []
@@ -216,6 +233,7 @@ class Supervisor:
         )
 
     async def start(self) -> None:
+        check_ports_free(receiver_endpoints(self.config))
         self.directory = tempfile.mkdtemp(prefix="tailgate-")
         await self.admin.start()
         self.port = self.admin.port
@@ -228,6 +246,9 @@ class Supervisor:
         """SIGTERM every worker, SIGKILL what is left after `stop_timeout`; 0 if all exited cleanly."""
         self.stopping = True
         self._stop_requested.set()
+        # The workers may have reloaded a changed file on their own (`reload.watch`): they get the
+        # longer of the two timeouts.
+        self.stop_timeout = max(self.stop_timeout, self._reread_config() or 0.0)
         for worker in self.workers:
             self._signal(worker, signal.SIGTERM)
         if self._supervising:
@@ -273,17 +294,32 @@ class Supervisor:
         if self.start_failure is None:
             log.info("shutdown requested")
         status = await self.stop()
-        return EXIT_CONFIG_ERROR if self.start_failure is not None else status
+        return self.start_failure_status if self.start_failure is not None else status
 
     def reload(self) -> None:
         """Forward SIGHUP (reload the config) to every worker that is serving; one still starting gets
-        it once it announces, a worker not running reads the config when it starts."""
+        it once it announces, a worker not running reads the config when it starts. The supervisor takes
+        the settings it runs by itself from the file too: the workers' shutdown_timeout, the log level."""
         log.info("reloading the workers' config")
+        stop_timeout = self._reread_config()
+        if stop_timeout is not None:
+            self.stop_timeout = stop_timeout
         for worker in self.workers:
             if worker.admin_port is not None:
                 self._signal(worker, signal.SIGHUP)
             elif worker.alive:
                 worker.reload_pending = True
+
+    def _reread_config(self) -> float | None:
+        """Read the config file as it is now for the settings the supervisor runs by: its log level is
+        applied, and its shutdown_timeout plus SHUTDOWN_GRACE returned. None when it does not load: the
+        workers keep running the config they have (each logs why)."""
+        try:
+            config = load_config(self.config_path)
+        except Exception:  # whatever is wrong with the file, each worker reports it
+            return None
+        logging.getLogger().setLevel(config.log_level.upper())
+        return config.shutdown_timeout + SHUTDOWN_GRACE
 
     async def metrics_text(self) -> str:
         """The supervisor's metrics and every announced worker's, merged."""
@@ -388,11 +424,17 @@ class Supervisor:
         return announced
 
     def _every_first_start_failed(self) -> bool:
-        """Whether the first start of every worker exited with status 2: then the supervisor gives up."""
-        if {worker.first_start_status for worker in self.workers} != {EXIT_CONFIG_ERROR}:
+        """Whether the first start of every worker exited with an error status (a config error, or one
+        that keeps it from starting: a certificate it cannot read, a port it cannot bind): then the
+        supervisor gives up, exiting 2 when each exit was a config error and 1 otherwise, as one process
+        would. A worker killed by a signal at its start is started again."""
+        statuses = sorted({worker.first_start_status or 0 for worker in self.workers})
+        if statuses[0] <= 0:  # one has not exited yet, exited 0, or was killed by a signal
             return False
+        self.start_failure_status = EXIT_CONFIG_ERROR if statuses == [EXIT_CONFIG_ERROR] else EXIT_START_ERROR
         self.start_failure = (
-            f"no worker could start: each exited with status {EXIT_CONFIG_ERROR} at its first start"
+            "no worker could start: each exited at its first start, with status "
+            + " or ".join(map(str, statuses))
         )
         self._stop_requested.set()
         return True
@@ -426,6 +468,41 @@ class Supervisor:
 
     async def _render_metrics(self) -> bytes:
         return (await self.metrics_text()).encode()
+
+
+def receiver_endpoints(config: Config) -> list[str]:
+    """The host:port of every receiver the config enables."""
+    otlp, zipkin = config.receivers.otlp, config.receivers.zipkin
+    servers = [
+        *([] if otlp is None else [otlp.http, otlp.grpc]),
+        zipkin,
+    ]
+    return [server.endpoint for server in servers if server is not None]
+
+
+def check_ports_free(endpoints: list[str]) -> None:
+    """OSError naming the endpoint when a process listens on one already: the workers share their ports
+    with each other (SO_REUSEPORT), never with another gateway or program. Checked once, before the first
+    worker starts."""
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not int(port):
+            continue
+        try:
+            addresses = socket.getaddrinfo(
+                host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            for family, kind, protocol, _, address in addresses:
+                with socket.socket(family, kind, protocol) as probe:
+                    # As the receivers bind, but without SO_REUSEPORT: a listener already there refuses it.
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(address)
+        except OSError as error:
+            raise OSError(
+                f"receiver endpoint {endpoint} is in use or unavailable: {error.strerror or error}"
+            ) from None
 
 
 def _parse_each(texts: list[str | None]) -> list[list[Metric] | None]:

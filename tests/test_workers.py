@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ from sampler.workers import (
     worker_command,
     worker_peer_path,
 )
-from tests.conftest import ROOT, Downstream, free_port, gateway_config, wait_for
+from tests.conftest import ROOT, TAILGATE, Downstream, free_port, gateway_config, wait_for
+from tests.otlp_data import make_request, send
 
 # A worker as the supervisor sees one. argv: index, runtime directory, events file, mode. Modes: serve;
 # exit2 (fail at start with status 2); fail-first-0 (worker 0's first start exits 2); ignore-term;
@@ -92,6 +93,7 @@ sys.exit(run_supervisor(config_path, load_config(config_path), command))
 
 def config_dict(tmp_path: Path, workers: int = 2) -> dict[str, Any]:
     return {
+        "receivers": {"otlp": {"http": {"endpoint": f"127.0.0.1:{free_port()}"}}},
         "admin": {"endpoint": f"127.0.0.1:{free_port()}"},
         "exporters": {"file": {"path": str(tmp_path / "kept.jsonl")}},
         "workers": workers,
@@ -440,3 +442,182 @@ async def test_a_slow_scrape_answered_last_does_not_put_older_counts_in_the_tota
     finally:
         await supervisor._session.close()
         await runner.cleanup()
+
+
+# -- the supervisor with real workers (`python -m sampler run`) ------------------------------------------
+
+
+@pytest.fixture
+def hanging_downstream() -> Iterator[int]:
+    """A port that takes connections (the kernel's backlog) and never answers: exports hang."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield listener.getsockname()[1]
+
+
+def gateway_dict(tmp_path: Path, downstream_port: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """A `workers: 2` gateway keeping every trace until it stops, exporting to `downstream_port` over
+    OTLP/HTTP, or to a file."""
+    exporters = (
+        {"file": {"path": str(tmp_path / "kept.jsonl")}}
+        if downstream_port is None
+        else {
+            "otlp_http": {
+                "endpoint": f"http://127.0.0.1:{downstream_port}/v1/traces",
+                "batch": {"timeout": "0.02s"},
+            }
+        }
+    )
+    config: dict[str, Any] = {
+        **config_dict(tmp_path),
+        "exporters": exporters,
+        "tail_sampling": {
+            "decision_wait": "300s",
+            "decision_wait_after_root_received": "300s",
+            "policies": [{"name": "all", "type": "always_sample"}],
+        },
+    }
+    config.update(overrides)
+    return config
+
+
+def gateway_process(tmp_path: Path, config: dict[str, Any]) -> tuple[subprocess.Popen[bytes], Path, int]:
+    """`tailgate run` on `config` (written to tmp_path): the process, its stderr log and admin port."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [*TAILGATE, "run", "--config", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    return process, log, int(config["admin"]["endpoint"].rsplit(":", 1)[1])
+
+
+async def stop_gateway(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return await asyncio.to_thread(process.wait, timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+async def reloads_applied(admin_port: int) -> float | None:
+    return sample((await get(admin_port, "/metrics"))[1], "tailgate_config_reloads_total", result="applied")
+
+
+@pytest.mark.parametrize("reload", ["sighup", "watch"])
+async def test_a_reloaded_shutdown_timeout_is_what_the_supervisor_gives_its_workers(
+    tmp_path: Path, hanging_downstream: int, reload: str
+) -> None:
+    """shutdown_timeout is reloaded with the workers (on SIGHUP, or as they watch the file): the
+    supervisor gives them the new one to stop, not the one it started with, before it kills them."""
+    config = gateway_dict(tmp_path, hanging_downstream, shutdown_timeout="1s")
+    if reload == "watch":
+        config["reload"] = {"watch": True, "interval": "0.1s"}
+    process, log, admin = gateway_process(tmp_path, config)
+    try:
+        await wait_ready(admin, process)
+        # Over the supervisor's first 1 s + 5 s: a worker flushing to a downstream that never answers
+        # takes all of it.
+        config["shutdown_timeout"] = "7s"
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        if reload == "sighup":
+            process.send_signal(signal.SIGHUP)
+        for _ in range(400):
+            if await reloads_applied(admin) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert await reloads_applied(admin) == 2, "both workers applied the reload"
+        url = f"http://{config['receivers']['otlp']['http']['endpoint']}/v1/traces"
+        for _ in range(4):  # each on a new connection: both workers end up holding traces
+            await send(url, make_request(20, 3))
+        returncode = await stop_gateway(process, 40)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = log.read_text()
+    assert "killing it" not in stderr, stderr[-3000:]
+    assert returncode == 0, stderr[-3000:]
+
+
+async def test_a_reload_of_the_same_file_warns_about_nothing(tmp_path: Path) -> None:
+    """Each worker runs with the admin endpoint and max_memory of its own: a SIGHUP with the file as it
+    was warns of no setting that needs a restart."""
+    config = gateway_dict(tmp_path, memory={"max_memory": "64MiB"})
+    process, log, admin = gateway_process(tmp_path, config)
+    try:
+        await wait_ready(admin, process)
+        process.send_signal(signal.SIGHUP)
+        await wait_for(lambda: log.read_text().count("config reload: applied") == 2)
+        returncode = await stop_gateway(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = log.read_text()
+    assert returncode == 0, stderr[-3000:]
+    assert "need a restart to change" not in stderr, [
+        line for line in stderr.splitlines() if "restart" in line
+    ]
+
+
+def test_a_start_error_of_every_worker_exits_1_as_one_process_does(tmp_path: Path) -> None:
+    """A receiver certificate that cannot be read is a start error (exit 1) for one process; with
+    `workers: 2` every worker fails its first start that way, and the supervisor exits 1 too rather than
+    start them again forever."""
+    missing = tmp_path / "missing.crt"
+    config = gateway_dict(tmp_path)
+    config["receivers"]["otlp"]["http"]["tls"] = {"cert_file": str(missing), "key_file": str(missing)}
+    for workers in (1, 2):
+        path = tmp_path / f"workers-{workers}.yaml"
+        path.write_text(yaml.safe_dump({**config, "workers": workers}))
+        result = subprocess.run(
+            [*TAILGATE, "run", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1, (workers, result.stderr[-3000:])
+        assert str(missing) in result.stderr
+    assert "tailgate: no worker could start: each exited at its first start, with status 1" in result.stderr
+    assert result.stderr.count("starting it again") <= 1  # the first to fail, while the other started
+
+
+async def test_a_receiver_port_another_gateway_listens_on_is_a_start_error(tmp_path: Path) -> None:
+    """The workers of one gateway share its receiver ports (SO_REUSEPORT); a second `workers: 2` gateway
+    on the same receiver port (its own admin port) must not take half its connections, splitting traces
+    between two rings: it exits 1 naming the port, as one process would."""
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first_config = gateway_dict(first_dir)
+    second_config = {**gateway_dict(second_dir), "receivers": first_config["receivers"]}
+    first, _, first_admin = gateway_process(first_dir, first_config)
+    try:
+        await wait_ready(first_admin, first)
+        second, second_log, _ = gateway_process(second_dir, second_config)
+        try:
+            returncode = await asyncio.to_thread(second.wait, 30)
+        finally:
+            if second.poll() is None:
+                second.kill()
+        endpoint = first_config["receivers"]["otlp"]["http"]["endpoint"]
+        assert returncode == 1
+        assert f"tailgate: cannot start: receiver endpoint {endpoint} is in use" in second_log.read_text()
+        assert await stop_gateway(first) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+async def test_each_worker_keeps_to_its_share_of_max_memory(tmp_path: Path) -> None:
+    """memory.max_memory holds for the gateway: each of N workers keeps to max_memory / N, and the merged
+    tailgate_memory_limit_bytes is max_memory."""
+    config = gateway_dict(tmp_path, memory={"max_memory": "64MiB"})
+    process, _, admin = gateway_process(tmp_path, config)
+    try:
+        await wait_ready(admin, process)
+        text = (await get(admin, "/metrics"))[1]
+        assert await stop_gateway(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert sample(text, "tailgate_memory_limit_bytes") == 64 * 1024 * 1024
