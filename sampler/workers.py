@@ -243,9 +243,11 @@ class Supervisor:
         log.info("supervising %d workers (runtime directory %s)", self.count, self.directory)
 
     async def stop(self) -> int:
-        """SIGTERM every worker, SIGKILL what is left after `stop_timeout`; 0 if all exited cleanly."""
+        """SIGTERM every worker, SIGKILL what is left after `stop_timeout`; 0 if every worker running then
+        exited cleanly (one waiting to be started again had its exit logged already)."""
         self.stopping = True
         self._stop_requested.set()
+        stopped = [worker for worker in self.workers if worker.alive]
         # The workers may have reloaded a changed file on their own (`reload.watch`): they get the
         # longer of the two timeouts.
         self.stop_timeout = max(self.stop_timeout, self._reread_config() or 0.0)
@@ -277,7 +279,7 @@ class Supervisor:
         if self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
         log.info("workers stopped")
-        return 0 if all(worker.exited_cleanly for worker in self.workers) else EXIT_START_ERROR
+        return 0 if all(worker.exited_cleanly for worker in stopped) else EXIT_START_ERROR
 
     async def run_until_signalled(self) -> int:
         """Supervise until SIGTERM or SIGINT, forwarding SIGHUP; the exit status for the command."""

@@ -305,6 +305,18 @@ async def test_a_worker_failing_its_first_start_is_started_again_while_another_r
     assert sample(text, "tailgate_worker_restarts_total") == 1
 
 
+async def test_a_worker_waiting_to_be_started_again_does_not_fail_a_clean_stop(
+    tmp_path: Path, start_supervisor: SupervisorFactory
+) -> None:
+    """Stopped while worker 0 waits out its backoff after a failed start: the workers running then exit
+    cleanly, so the stop does (the failure was logged and counted when it happened)."""
+    supervisor = await start_supervisor("fail-first-0")
+    await wait_for(lambda: supervisor.workers[0].first_start_status == 2)
+    assert not supervisor.workers[0].alive
+    assert await supervisor.stop() == 0
+    assert pids(tmp_path, "start").keys() == {1}  # worker 0 was not started again
+
+
 async def test_workers_that_ignore_sigterm_are_killed_after_the_timeout(
     tmp_path: Path, start_supervisor: SupervisorFactory
 ) -> None:
