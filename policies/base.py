@@ -116,8 +116,9 @@ class Policy(Protocol):
 class Weighted(Protocol):
     """A policy whose keeps are a sample: it tells with what probability it keeps a trace like this one.
 
-    The decider asks the policy that kept a trace, once, right after the decision; the answer becomes the
-    trace's adjusted count (`tailgate.sample_rate` = 1/p, and the tracestate `ot=th:` threshold).
+    The decider asks each policy that said SAMPLED of a trace, once, right after the decision; the largest
+    answer becomes the trace's adjusted count (`tailgate.sample_rate` = 1/p, and the tracestate `ot=th:`
+    threshold).
     Policies without this method keep with probability 1.
     """
 

@@ -190,7 +190,7 @@ class Decider:
         in_order = self._in_order
         unevaluated = reason in _UNEVALUATED
         observer = self._observer
-        kept: list[tuple[Trace, int]] = []  # with the index of the deciding policy
+        kept: list[tuple[Trace, Kept]] = []  # with the deciding policy and the keep probability
         for trace in traces:
             if trace.attributes is not None and not unevaluated:
                 trace.complete_attributes(self._attribute_keys)
@@ -205,7 +205,10 @@ class Decider:
             if Decision.SAMPLED in verdicts or Decision.INVERT_SAMPLED in verdicts:
                 index = _deciding_index(verdicts)
                 if index is not None:
-                    kept.append((trace, index))
+                    # Asked now, before the policies decide the next traces (a burst may change rates).
+                    kept.append(
+                        (trace, Kept(self.policies[index].name, self._probability(verdicts, index, trace)))
+                    )
                     kept_spans += trace.span_count
                     kept_traces += 1
                     if observer is not None:
@@ -225,14 +228,10 @@ class Decider:
             self.count_invalid(invalid_spans)
         self._count(len(traces), kept_traces, kept_spans, dropped_spans, reason, verdict_rows)
 
-    def _keep(self, kept: list[tuple[Trace, int]], exports: list[Export]) -> int:
+    def _keep(self, records: list[tuple[Trace, Kept]], exports: list[Export]) -> int:
         """Record each trace as kept by its policy and hand its spans to the exporters, one call per trace
         (exporters batch and bound their queues by whole traces); returns how many spans were left out as
         invalid. The traces' spans are checked together (kept_span_groups)."""
-        records = [
-            (trace, Kept(self.policies[index].name, self._keep_probability(index, trace)))
-            for trace, index in kept
-        ]
         record = self.decisions.record
         for trace, decision in records:
             record(trace.trace_id, decision)
@@ -269,6 +268,20 @@ class Decider:
             return adjusted.rewrite_run(entries, spans, tail_probability)
 
         return rewrite
+
+    def _probability(self, verdicts: list[Decision | None], deciding: int, trace: Trace) -> float:
+        """The probability with which a kept trace was kept: the largest keep probability among the
+        policies that said SAMPLED (a trace an exact policy keeps is kept for certain, whatever a
+        probabilistic one said of it); the deciding policy's when it was kept by INVERT_SAMPLED alone."""
+        if verdicts[deciding] is not Decision.SAMPLED:
+            return self._keep_probability(deciding, trace)
+        probability = 0.0
+        for index, verdict in enumerate(verdicts):
+            if verdict is Decision.SAMPLED:
+                probability = max(probability, self._keep_probability(index, trace))
+                if probability == 1.0:
+                    break
+        return probability
 
     def _keep_probability(self, index: int, trace: Trace) -> float:
         """The probability with which policy `index` keeps traces like `trace`: its `keep_probability`
@@ -464,7 +477,12 @@ def attribute_keys(policies: Sequence[Policy]) -> frozenset[str]:
 
 
 def _is_drop(policy: Policy) -> bool:
-    return getattr(policy, "type_name", None) == "drop"
+    """Whether the policy can say DROPPED (`drop`, and `rules` with a drop rule): evaluated first, so that
+    a drop holds whatever the others say, sample_on_first_match or not."""
+    kind = getattr(policy, "type_name", None)
+    return kind == "drop" or (
+        kind == "rules" and any(rule.action == "drop" for rule in getattr(policy, "rules", ()))
+    )
 
 
 def _chunks(traces: list[Trace], max_traces: int, max_spans: int) -> list[list[Trace]]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from policies.base import Decision, TraceView
 from policies.registry import build_policies
-from sampler.buffer import DecisionCache, TraceBuffer
+from sampler.buffer import DecisionCache, Kept, TraceBuffer
 from sampler.config import TailSamplingConfig
 from sampler.decider import Decider
 from sampler.metrics import Metrics
@@ -198,3 +200,112 @@ def test_a_trace_with_more_distinct_values_than_are_kept_is_decided_on_all_of_th
     clock.now += 100
     decider.decide(buffer.pop_due(clock.now, 10))
     assert sum(count for _, _, count in exporter.groups) == (0 if excluded else 300)
+
+
+def decide_one_batch(
+    specs: list[dict[str, Any]], trace_ids: list[bytes], **options: Any
+) -> tuple[DecisionCache, int]:
+    """Decide `trace_ids` (2 spans each) with `specs` in one batch; the decision cache and spans exported."""
+    policies = build_policies(specs, "tail_sampling.policies")
+    clock = SimulatedClock()
+    decisions = DecisionCache(100_000, 100_000)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, clock)
+    exporter = RecordingExporter()
+    decider = Decider(buffer, policies, [exporter], decisions, Metrics(), clock, 0.05, True, **options)
+    buffer.connect(decider.decide_safely, decider.forward_late)
+    buffer.add_spans(decode_protobuf(request_for(trace_ids, 2).SerializeToString()))
+    clock.now += 100
+    decider.decide(buffer.pop_due(clock.now, 100_000))
+    return decisions, sum(count for _, _, count in exporter.groups)
+
+
+def test_adjusted_count_is_one_when_a_certain_policy_also_sampled_the_trace() -> None:
+    """Every trace is kept by always_sample (p = 1), so re-weighted counts must add up to the number of
+    traces. The decider takes p from the first SAMPLED policy (decider.py `_keep`: the deciding index),
+    here probabilistic 10 %, so the ~10 % it also sampled get sample_rate 10 and the estimate is ~1.9x.
+    README "Adjusted counts": a span kept with p stands for 1/p spans; a trace any p = 1 policy keeps
+    is kept with probability 1 whatever a probabilistic policy said about it."""
+    rng = random.Random(7)
+    trace_ids = [rng.randbytes(16) for _ in range(1000)]
+    specs = [
+        {"name": "baseline", "type": "probabilistic", "probabilistic": {"sampling_percentage": 10}},
+        {"name": "everything", "type": "always_sample"},
+    ]
+    decisions, exported = decide_one_batch(specs, trace_ids)
+    assert exported == 2 * len(trace_ids)
+    kept = [decisions.lookup(trace_id) for trace_id in trace_ids]
+    assert all(isinstance(k, Kept) for k in kept)
+    # tailsampling.policy stays the Collector's: the first policy that said SAMPLED.
+    assert {k.policy for k in kept if isinstance(k, Kept)} == {"baseline", "everything"}
+    estimate = sum(1 / k.probability for k in kept if isinstance(k, Kept))
+    assert estimate == len(trace_ids)
+
+
+def test_rules_drop_still_drops_with_sample_on_first_match() -> None:
+    """README (Policies, `rules`): its `drop` drops the trace whatever other policies say. The decider
+    evaluates only `type: drop` policies first (decider.py `_is_drop`), so with sample_on_first_match an
+    earlier SAMPLED ends the evaluation before the rules policy's DROPPED is seen and the trace is kept.
+    (The Collector evaluates its drop policies first for this very reason.)"""
+    specs = [
+        {"name": "everything", "type": "always_sample"},
+        {"name": "rules", "type": "rules", "rules": {"rules": [{"name": "drop-all", "action": "drop"}]}},
+    ]
+    _, all_evaluated = decide_one_batch(specs, [b"\x01" * 16])
+    assert all_evaluated == 0
+    _, first_match = decide_one_batch(specs, [b"\x01" * 16], sample_on_first_match=True)
+    assert first_match == 0
+
+
+def test_keep_probability_is_the_one_the_trace_was_decided_with_in_a_batch() -> None:
+    """policies/base.py Weighted: the decider asks the keeping policy for p "once, right after the
+    decision"; README: for ema_dynamic "1/rate of the trace's key when it was decided". decider.py
+    `decide` evaluates the whole batch first and only then (`_keep`) asks keep_probability, so when a
+    burst recomputes the rates mid-batch, traces decided before it are recorded with the new rate of
+    their key (e.g. kept at rate 3, written as sample_rate 13)."""
+    rng = random.Random(3)
+    (policy,) = build_policies(
+        [
+            {
+                "name": "ema",
+                "type": "ema_dynamic",
+                "ema_dynamic": {
+                    "goal_sample_rate": 10,
+                    "adjustment_interval": "10s",
+                    "weight": 1,
+                    "burst_multiple": 2,
+                    "burst_detection_delay": 0,
+                    "key_fields": ["status"],
+                },
+            }
+        ],
+        "tail_sampling.policies",
+    )
+    at_decision: dict[bytes, float] = {}
+    evaluate = policy.evaluate
+
+    def evaluate_and_note(trace: Any, now: float) -> Any:
+        verdict = evaluate(trace, now)
+        at_decision[trace.trace_id] = policy.keep_probability(trace)  # type: ignore[attr-defined]
+        return verdict
+
+    policy.evaluate = evaluate_and_note  # type: ignore[method-assign]
+    clock = SimulatedClock()
+    decisions = DecisionCache(100_000, 100_000)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, clock)
+    decider = Decider(buffer, [policy], [RecordingExporter()], decisions, Metrics(), clock, 0.05, True)
+    buffer.connect(decider.decide_safely, decider.forward_late)
+    wrong: list[tuple[float, float]] = []
+    # Two quiet intervals teach the rates (ERROR rare), then a burst of errors in one decision batch.
+    for traces, errors in ((100, 10), (100, 10), (1000, 500)):
+        trace_ids = [rng.randbytes(16) for _ in range(traces)]
+        request = request_for(trace_ids, 1)
+        for span in request.resource_spans[0].scope_spans[0].spans[:errors]:
+            span.status.code = 2
+        buffer.add_spans(decode_protobuf(request.SerializeToString()))
+        clock.now += 100
+        decider.decide(buffer.pop_due(clock.now, 100_000))
+        for trace_id in trace_ids:
+            kept = decisions.lookup(trace_id)
+            if isinstance(kept, Kept) and kept.probability != at_decision[trace_id]:
+                wrong.append((at_decision[trace_id], kept.probability))
+    assert wrong == []
