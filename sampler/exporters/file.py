@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,6 +17,8 @@ from sampler.config import FileExporterConfig
 from sampler.errors import ExportError
 from sampler.exporters.batching import BatchingExporter
 from sampler.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # OTLP JSON writes these bytes fields as hex where protobuf's JSON mapping writes base64.
 _ID_KEYS = ("traceId", "spanId", "parentSpanId")
@@ -63,7 +66,10 @@ class FileExporter(BatchingExporter):
     async def close(self) -> None:
         if self._file is not None:
             file, self._file = self._file, None
-            await asyncio.to_thread(file.close)
+            try:
+                await asyncio.to_thread(file.close)
+            except OSError as error:  # nothing to flush (unbuffered), but a shutdown must go on
+                log.warning("exporter %s: cannot close %s: %s", self.name, self.config.path, error.strerror)
 
     async def send(self, body: bytes, span_count: int) -> int:
         file = self._file
@@ -76,14 +82,17 @@ class FileExporter(BatchingExporter):
         path = Path(self.config.path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return path.open("ab")
+            # Unbuffered: a line a failed write did not take is gone with its batch (counted failed), never
+            # written later with the next one; and each line is one write, whole among other writers'.
+            return path.open("ab", buffering=0)
         except OSError as error:
             raise ExportError(f"exporter {self.name}: cannot open {path}: {error.strerror}") from None
 
     def _write(self, file: IO[bytes], body: bytes) -> None:
-        line = request_to_json(body)
+        line = request_to_json(body) + b"\n"
         try:
-            file.write(line + b"\n")
-            file.flush()
+            written = file.write(line)
         except OSError as error:
             raise ExportError(f"cannot write {self.config.path}: {error.strerror}") from None
+        if written != len(line):  # the disk filled up mid-line
+            raise ExportError(f"cannot write {self.config.path}: {written} of {len(line)} bytes written")

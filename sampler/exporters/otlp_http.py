@@ -39,7 +39,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # not "²", which isdigit() takes and float() does not
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -131,18 +131,28 @@ class HTTPPostExporter(RetryingExporter):
         if self._session is None:
             raise ExportError("exporter not started")
         try:
-            post = self._session.post(self._endpoint, data=payload, server_hostname=self._server_name)
+            # Redirects are not followed: aiohttp would send a 301/302/303 on as a GET without the body
+            # (and the configured headers to another origin), and its 200 would count as delivery.
+            post = self._session.post(
+                self._endpoint, data=payload, server_hostname=self._server_name, allow_redirects=False
+            )
             async with post as response:
                 reply = await response.read()
                 status = response.status
                 content_type = response.headers.get("Content-Type", "")
                 retry_after = response.headers.get("Retry-After")
+                location = response.headers.get("Location")
         except aiohttp.ClientError as error:
             raise transport_failure(error) from None
         except TimeoutError:
             raise Retryable(f"no reply within {self._timeout:g}s") from None
         if 200 <= status < 300:
             return self.accepted(reply, content_type, span_count)
+        if 300 <= status < 400:
+            raise ExportError(
+                f"HTTP {status}: redirected to {location or 'no Location'}; redirects are not followed, set "
+                "the exporter's endpoint to where it points"
+            )
         raise http_failure(status, retry_after, error_message(reply, content_type))
 
 

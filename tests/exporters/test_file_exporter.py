@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from sampler.errors import ExportError
 from sampler.exporters.file import FileExporter
 from sampler.metrics import Metrics
 
-from .helpers import make_group, make_scope, make_trace, sample
+from .helpers import eventually, make_group, make_scope, make_trace, sample
 
 NAME = "file/archive"
 SERVICE = make_scope("checkout")
@@ -129,3 +130,48 @@ async def test_unwritable_path_fails_start(tmp_path: Path, metrics: Metrics) -> 
     exporter = file_exporter(blocker / "spans.jsonl", metrics)
     with pytest.raises(ExportError, match="cannot open"):
         await exporter.start()
+
+
+def spans_in(path: Path) -> int:
+    return sum(
+        len(scope_spans["spans"])
+        for line in path.read_text().splitlines()
+        for resource_spans in json.loads(line)["resourceSpans"]
+        for scope_spans in resource_spans["scopeSpans"]
+    )
+
+
+async def test_a_batch_the_disk_had_no_room_for_is_not_written_later(
+    tmp_path: Path, metrics: Metrics
+) -> None:
+    """The disk is full for one batch (the file's descriptor on /dev/full), then has room again: the
+    first batch counts as failed and stays out of the file (buffered, it was written with the next)."""
+    path = tmp_path / "traces.jsonl"
+    exporter = file_exporter(path, metrics, send_batch_size=2, timeout=0.02)
+    await exporter.start()
+    assert exporter._file is not None
+    fd = exporter._file.fileno()
+    saved = os.dup(fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, fd)
+    os.close(full)
+    exporter.export([make_group(SERVICE, make_trace(1, 2))], 2)
+    await eventually(lambda: sample(metrics, "tailgate_exporter_failed_spans_total", NAME) == 2)
+    os.dup2(saved, fd)
+    os.close(saved)
+    exporter.export([make_group(SERVICE, make_trace(2, 2))], 2)
+    await eventually(lambda: sample(metrics, "tailgate_exporter_sent_spans_total", NAME) == 2)
+    await exporter.shutdown(1)
+    assert spans_in(path) == 2
+
+
+async def test_a_full_disk_at_shutdown_does_not_stop_the_shutdown(metrics: Metrics) -> None:
+    exporter = FileExporter(
+        NAME,
+        FileExporterConfig(path="/dev/full", batch=BatchConfig(send_batch_size=2, timeout=0.02)),
+        metrics,
+    )
+    await exporter.start()
+    exporter.export([make_group(SERVICE, make_trace(1, 2))], 2)
+    await eventually(lambda: sample(metrics, "tailgate_exporter_failed_spans_total", NAME) == 2)
+    await exporter.shutdown(1)  # closing the file raised OSError out of the gateway's stop

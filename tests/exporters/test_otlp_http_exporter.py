@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
 import pytest
+from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTracePartialSuccess,
     ExportTraceServiceResponse,
@@ -173,7 +174,8 @@ async def test_retry_after_is_honored(downstream: Downstream, metrics: Metrics) 
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("3", 3.0), (" 0 ", 0.0), ("soon", None), (None, None), ("-1", None)],
+    # "²" is a digit to str.isdigit() and not to float().
+    [("3", 3.0), (" 0 ", 0.0), ("soon", None), (None, None), ("-1", None), ("\u00b2", None)],
 )
 def test_parse_retry_after_seconds(header: str | None, expected: float | None) -> None:
     assert parse_retry_after(header) == expected
@@ -365,3 +367,43 @@ async def test_partial_success_counts_rejected(
     assert sample(metrics, SENT, NAME) == 3
     assert sample(metrics, FAILED, NAME) == 2
     assert "rejected 2 of 5 spans: too old" in caplog.text
+
+
+@pytest.fixture
+async def moved_downstream(downstream: Downstream) -> AsyncIterator[tuple[str, list[tuple[str, int]]]]:
+    """An endpoint that moved (301) to a place answering 200 to anything, as many front ends do; what
+    arrives there as (method, body length)."""
+    arrived: list[tuple[str, int]] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently("/new/v1/traces")
+
+    async def new(request: web.Request) -> web.Response:
+        arrived.append((request.method, len(await request.read())))
+        return web.Response(status=200, body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", moved)
+    app.router.add_route("*", "/new/v1/traces", new)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/v1/traces", arrived
+    await runner.cleanup()
+
+
+async def test_a_redirect_is_a_failure_not_a_delivery(
+    moved_downstream: tuple[str, list[tuple[str, int]]], metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Followed, a 301 turned the POST into a GET without the body, whose 200 counted as delivery."""
+    url, arrived = moved_downstream
+    exporter = exporter_for(url, metrics)
+    await exporter.start()
+    export_traces(exporter, 1, 1, 2)
+    await eventually(lambda: sample(metrics, SENT, NAME) + sample(metrics, FAILED, NAME) == 2)
+    await exporter.shutdown(1)
+    assert arrived == []
+    assert sample(metrics, SENT, NAME) == 0
+    assert sample(metrics, FAILED, NAME) == 2
+    assert "HTTP 301: redirected to /new/v1/traces; redirects are not followed" in caplog.text
