@@ -31,6 +31,9 @@ from sampler.workers import announce_worker, local_members, worker_config, worke
 
 log = logging.getLogger(__name__)
 
+# The share of shutdown_timeout kept for the exporters' last flush after deciding what is buffered.
+FLUSH_SHARE = 0.25
+
 # A worker's place under a supervisor (`workers: N`): its index, the number of workers, their directory.
 WorkerPlace = tuple[int, int, str]
 
@@ -168,7 +171,10 @@ class Gateway:
                 self.wal.stop_checkpoints()
             await self.pressure.stop()
             buffered = len(self.buffer.traces)
-            await self.decider.stop(deadline)
+            # Deciding waits for room in the exporters' queues, but leaves them time to send what it
+            # decided last: an exporter stuck on a downstream that never answers would otherwise take
+            # all of it, and the others would have none to flush.
+            await self.decider.stop(deadline - self.config.shutdown_timeout * FLUSH_SHARE)
             log.info("decided %d buffered traces at shutdown; flushing exporters", buffered)
         finally:
             # Together: each flushes for the whole time left, whatever the others do.

@@ -126,6 +126,32 @@ async def test_a_stuck_exporter_does_not_starve_the_others_at_shutdown(
     assert metric(gateway, "tailgate_exporter_failed_spans_total", exporter="otlp_http") == 10
 
 
+async def test_a_full_stuck_exporter_leaves_the_others_time_to_flush_at_shutdown(
+    start_gateway: GatewayFactory, downstream: Downstream, stuck_downstream: str
+) -> None:
+    """One exporter's downstream never answers and its queue is full; another's is healthy. Deciding what
+    is buffered waits for room in every queue, but not into the time the healthy one needs to send it:
+    it waited out the whole shutdown_timeout, and the healthy exporter failed the last traces with 0 s
+    left to flush them."""
+    config = gateway_config(downstream, decision_wait="60s", decision_wait_after_root_received="60s")
+    config["tail_sampling"]["num_traces"] = 5  # beyond it the oldest traces are decided at once
+    config["exporters"]["otlp_http/stuck"] = {
+        "endpoint": stuck_downstream,
+        "timeout": "30s",
+        "batch": {"timeout": "0.02s", "queue_size": 10, "send_batch_size": 10},
+    }
+    config["shutdown_timeout"] = "1.5s"
+    gateway = await start_gateway(config)
+    await send(receiver_url(gateway), make_request(traces=15, spans_per_trace=2))
+    # 10 traces decided early: the healthy exporter delivers their 20 spans, the stuck one queues 10
+    # spans (full) and refuses the rest.
+    await wait_for(lambda: len(downstream.spans()) == 20)
+    assert gateway.exporters[1].is_full()
+    await gateway.stop()  # 5 traces (10 spans) still buffered
+    assert metric(gateway, "tailgate_exporter_failed_spans_total", exporter="otlp_http") == 0
+    assert len(downstream.spans()) == 30
+
+
 async def _post_in_two_parts(
     port: int, body: bytes, first_part_sent: asyncio.Event, go: asyncio.Event
 ) -> bytes:
