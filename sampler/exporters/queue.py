@@ -23,7 +23,8 @@ from sampler.errors import ConfigError, ExportError
 log = logging.getLogger(__name__)
 
 # A record: MAGIC, the payload's length and CRC32 (big-endian), then the payload, msgpack
-# [span_count, body]. After a damaged record a scan resumes at the next MAGIC.
+# [span_count, body]. A segment is only appended to, and never again once a write failed or the gateway
+# restarted: a torn record is its last.
 MAGIC = b"TGq\x01"
 HEADER = struct.Struct(">4sII")
 # An acknowledged record, appended to its segment's ack file: the record's offset in the segment.
@@ -67,7 +68,10 @@ def decode_record(data: bytes | memoryview, offset: int = 0) -> tuple[int, int, 
 
 def scan_records(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
     """The sound records of a segment as (offset, size, span count), and how many damaged places were
-    skipped (a bad CRC, a torn or truncated record)."""
+    skipped. A record whose header holds but whose payload does not (a bad CRC) is stepped over by its
+    length when a record or the segment's end follows it. Anything else ends the scan: a torn tail (a
+    crash mid-write), or a damaged header. The scan never looks for the next MAGIC inside a record's
+    bytes, where a client's span may have put a whole record of its making."""
     memory = memoryview(data)
     records: list[tuple[int, int, int]] = []
     damaged = 0
@@ -76,14 +80,27 @@ def scan_records(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
         decoded = decode_record(memory, offset)
         if decoded is None:
             damaged += 1
-            offset = data.find(MAGIC, offset + 1)
-            if offset < 0:
+            end = _claimed_end(data, offset)
+            if end is None:
                 break
+            offset = end
             continue
         size, span_count, _ = decoded
         records.append((offset, size, span_count))
         offset += size
     return records, damaged
+
+
+def _claimed_end(data: bytes, offset: int) -> int | None:
+    """Where the damaged record at `offset` ends by its header, if that header holds: MAGIC, and a
+    length reaching a record's MAGIC or the segment's end. None otherwise."""
+    if len(data) - offset < HEADER.size:
+        return None
+    magic, length, _ = HEADER.unpack_from(data, offset)
+    end: int = offset + HEADER.size + length
+    if magic != MAGIC or end > len(data) or (end < len(data) and not data.startswith(MAGIC, end)):
+        return None
+    return end
 
 
 def lock_directory(directory: Path, what: str) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from sampler.config import (
@@ -21,7 +23,7 @@ from sampler.config import (
 )
 from sampler.errors import ConfigError, ExportError
 from sampler.exporters.otlp_http import OTLPHTTPExporter
-from sampler.exporters.queue import HEADER, DiskQueue, Record
+from sampler.exporters.queue import HEADER, DiskQueue, Record, encode_record
 from sampler.metrics import Metrics
 from tests.conftest import free_port
 
@@ -288,3 +290,38 @@ async def test_a_disk_that_cannot_be_written_drops_the_batch_and_the_next_goes_t
     await eventually(lambda: len(downstream.delivered_spans()) == 6)
     await exporter.shutdown(1)
     assert span_ids(downstream.delivered_spans()) == span_ids(first + make_trace(2, 2) + later)
+
+
+async def test_a_record_forged_in_span_bytes_is_not_recovered_after_a_torn_tail(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A client puts the bytes of a whole queue record in a span attribute, and the batch holding that
+    span is torn by a crash mid-write. Resuming at the next record marker found the forged record sound
+    inside the torn one and sent it at start: spans no policy kept and no check looked at."""
+    forged_request = ExportTraceServiceRequest()
+    forged_span = forged_request.resource_spans.add().scope_spans.add().spans.add()
+    forged_span.trace_id = b"\x66" * 16
+    forged_span.span_id = b"\x66" * 8
+    forged_span.name = "forged"
+    header, payload = encode_record(forged_request.SerializeToString(), 1)
+    forged = header + payload
+    spans = make_trace(1, 2)
+    spans[1].attributes.append(KeyValue(key="note", value=AnyValue(bytes_value=forged + b"\x00" * 4096)))
+    down = f"http://127.0.0.1:{free_port()}/v1/traces"  # nothing listens: the batch stays on disk
+    first = disk_exporter(down, Metrics(), tmp_path, fsync="never")
+    await first.start()
+    first.export([make_group(SERVICE, spans)], 2)
+    await first.shutdown(0.2)
+    (segment,) = (tmp_path / SUBDIRECTORY).glob("*.seg")
+    data = segment.read_bytes()
+    where = data.find(forged)
+    assert where > 0
+    segment.write_bytes(data[: where + len(forged) + 100])  # torn after the forged bytes
+
+    metrics = Metrics()
+    restarted = disk_exporter(downstream.url, metrics, tmp_path, fsync="never")
+    await restarted.start()
+    assert sample(metrics, RECOVERED, NAME) == 0
+    assert sample(metrics, CORRUPT, NAME) == 1
+    await restarted.shutdown(1)
+    assert downstream.delivered_spans() == []
