@@ -151,9 +151,13 @@ class Gateway:
             self.reloader.start()
         self.ready = True
         log.info("tailgate ready: %d policies, %d exporters", len(self.policies), len(self.exporters))
+        self._announce()
+
+    def _announce(self) -> None:
+        """As a worker: tell the supervisor it serves, and the shutdown_timeout it runs by."""
         if self.worker is not None and self.admin.port is not None:
             index, _, directory = self.worker
-            announce_worker(directory, index, self.admin.port)
+            announce_worker(directory, index, self.admin.port, self.config.shutdown_timeout)
 
     async def stop(self) -> None:
         """Stop accepting, decide every buffered trace now, flush exporters; all within shutdown_timeout."""
@@ -234,6 +238,8 @@ class Gateway:
         self.pressure.reconfigure(sampling)
         logging.getLogger().setLevel(config.log_level.upper())
         self.config = config
+        if self.ready:
+            self._announce()
 
     def _all_exporters(self) -> list[Exporter]:
         """The decider's exporters and the capture."""

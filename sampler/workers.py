@@ -11,9 +11,11 @@ Contract with the workers:
   config.admin.endpoint belongs to the supervisor. It listens for spans forwarded by the other workers on
   the unix socket `worker_peer_path(D, i)` (removing a stale file there first); `local_members(D, N)`
   lists every worker's socket, `unix:<path>`, in worker order.
-- Once started (receivers bound, admin endpoint up), the worker calls `announce_worker(D, i, admin_port)`,
-  which writes `D/worker-{i}.json` = {"pid", "admin_port"} atomically. The supervisor scrapes
-  http://127.0.0.1:<admin_port>/metrics from then on and counts the worker ready.
+- Once started (receivers bound, admin endpoint up), the worker calls `announce_worker(D, i, admin_port,
+  shutdown_timeout)`, which writes `D/worker-{i}.json` = {"pid", "admin_port", "shutdown_timeout"}
+  atomically, and again after each reload it applied. The supervisor scrapes
+  http://127.0.0.1:<admin_port>/metrics from then on and counts the worker ready; at stop it gives each
+  worker the longest shutdown_timeout announced, plus SHUTDOWN_GRACE, before it kills it.
 - SIGTERM (or SIGINT): shut down cleanly and exit 0. SIGHUP: reload the config; the supervisor sends it
   only to workers that have announced (one still starting gets it once it announces).
 - Exit status 2: config error; 1: cannot start (e.g. a port cannot be bound), as `tailgate run` exits.
@@ -126,12 +128,18 @@ def worker_config(config: Config, count: int) -> Config:
     return config.model_copy(update={"admin": AdminConfig(endpoint="127.0.0.1:0"), "memory": memory})
 
 
-def announce_worker(directory: str, index: int, admin_port: int) -> None:
-    """Tell the supervisor that this worker is serving and where its admin endpoint is."""
+def announce_worker(
+    directory: str, index: int, admin_port: int, shutdown_timeout: float | None = None
+) -> None:
+    """Tell the supervisor that this worker is serving, where its admin endpoint is and, when given, the
+    shutdown_timeout it runs by (announced again after each reload)."""
     path = announcement_path(directory, index)
     staging = f"{path}.{os.getpid()}.tmp"
+    announcement: dict[str, float] = {"pid": os.getpid(), "admin_port": admin_port}
+    if shutdown_timeout is not None:
+        announcement["shutdown_timeout"] = shutdown_timeout
     with open(staging, "w") as file:
-        json.dump({"pid": os.getpid(), "admin_port": admin_port}, file)
+        json.dump(announcement, file)
     # A rename: the supervisor never reads a half-written file.
     os.replace(staging, path)
 
@@ -142,6 +150,15 @@ def read_announcement(directory: str, index: int) -> tuple[int, int] | None:
         with open(announcement_path(directory, index)) as file:
             announced = json.load(file)
         return int(announced["pid"]), int(announced["admin_port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def announced_shutdown_timeout(directory: str, index: int) -> float | None:
+    """The shutdown_timeout worker `index` last announced it runs by; None if it did not."""
+    try:
+        with open(announcement_path(directory, index)) as file:
+            return float(json.load(file)["shutdown_timeout"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -248,9 +265,12 @@ class Supervisor:
         self.stopping = True
         self._stop_requested.set()
         stopped = [worker for worker in self.workers if worker.alive]
-        # The workers may have reloaded a changed file on their own (`reload.watch`): they get the
-        # longer of the two timeouts.
-        self.stop_timeout = max(self.stop_timeout, self._reread_config() or 0.0)
+        # What each worker runs by now, reloaded or not (on SIGHUP, or as it watches the file, which may
+        # not load any more): the longest.
+        for worker in stopped:
+            announced = announced_shutdown_timeout(self.directory, worker.index)
+            if announced is not None:
+                self.stop_timeout = max(self.stop_timeout, announced + SHUTDOWN_GRACE)
         for worker in self.workers:
             self._signal(worker, signal.SIGTERM)
         if self._supervising:
@@ -486,25 +506,28 @@ def check_ports_free(endpoints: list[str]) -> None:
     """OSError naming the endpoint when a process listens on one already: the workers share their ports
     with each other (SO_REUSEPORT), never with another gateway or program. Checked once, before the first
     worker starts."""
-    for endpoint in endpoints:
-        host, _, port = endpoint.rpartition(":")
-        if not int(port):
-            continue
-        try:
-            addresses = socket.getaddrinfo(
-                host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            for family, kind, protocol, _, address in addresses:
-                with socket.socket(family, kind, protocol) as probe:
-                    # As the receivers bind, but without SO_REUSEPORT: a listener already there refuses it.
+    with contextlib.ExitStack() as probes:  # all held, listening, until every endpoint is checked
+        for endpoint in endpoints:
+            host, _, port = endpoint.rpartition(":")
+            if not int(port):
+                continue
+            try:
+                addresses = socket.getaddrinfo(
+                    host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                for family, kind, protocol, _, address in addresses:
+                    probe = probes.enter_context(socket.socket(family, kind, protocol))
+                    # As the receivers bind, but without SO_REUSEPORT: a listener already there, or
+                    # another receiver of this config on the same port, refuses it.
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                     if family == socket.AF_INET6:
                         probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     probe.bind(address)
-        except OSError as error:
-            raise OSError(
-                f"receiver endpoint {endpoint} is in use or unavailable: {error.strerror or error}"
-            ) from None
+                    probe.listen(1)
+            except OSError as error:
+                raise OSError(
+                    f"receiver endpoint {endpoint} is in use or unavailable: {error.strerror or error}"
+                ) from None
 
 
 def _parse_each(texts: list[str | None]) -> list[list[Metric] | None]:

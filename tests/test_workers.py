@@ -519,14 +519,15 @@ async def reloads_applied(admin_port: int) -> float | None:
     return sample((await get(admin_port, "/metrics"))[1], "tailgate_config_reloads_total", result="applied")
 
 
-@pytest.mark.parametrize("reload", ["sighup", "watch"])
+@pytest.mark.parametrize("reload", ["sighup", "watch", "watch, then the file invalid", "watch, then no file"])
 async def test_a_reloaded_shutdown_timeout_is_what_the_supervisor_gives_its_workers(
     tmp_path: Path, hanging_downstream: int, reload: str
 ) -> None:
     """shutdown_timeout is reloaded with the workers (on SIGHUP, or as they watch the file): the
-    supervisor gives them the new one to stop, not the one it started with, before it kills them."""
+    supervisor gives them the new one to stop, not the one it started with, before it kills them; also
+    when the file no longer loads by then, and the workers keep running what they reloaded."""
     config = gateway_dict(tmp_path, hanging_downstream, shutdown_timeout="1s")
-    if reload == "watch":
+    if reload.startswith("watch"):
         config["reload"] = {"watch": True, "interval": "0.1s"}
     process, log, admin = gateway_process(tmp_path, config)
     try:
@@ -542,6 +543,10 @@ async def test_a_reloaded_shutdown_timeout_is_what_the_supervisor_gives_its_work
                 break
             await asyncio.sleep(0.05)
         assert await reloads_applied(admin) == 2, "both workers applied the reload"
+        if reload == "watch, then the file invalid":
+            (tmp_path / "config.yaml").write_text("workers: [unclosed\n")
+        elif reload == "watch, then no file":
+            (tmp_path / "config.yaml").unlink()
         url = f"http://{config['receivers']['otlp']['http']['endpoint']}/v1/traces"
         for _ in range(4):  # each on a new connection: both workers end up holding traces
             await send(url, make_request(20, 3))
@@ -633,3 +638,18 @@ async def test_each_worker_keeps_to_its_share_of_max_memory(tmp_path: Path) -> N
         if process.poll() is None:
             process.kill()
     assert sample(text, "tailgate_memory_limit_bytes") == 64 * 1024 * 1024
+
+
+def test_two_receivers_on_one_port_are_a_start_error_with_workers(tmp_path: Path) -> None:
+    """OTLP/HTTP and Zipkin on one port: one process cannot bind the second (exit 1); with `workers: 2`
+    both bound with SO_REUSEPORT and the kernel spread OTLP connections over the Zipkin listener too."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    config = gateway_dict(tmp_path)
+    config["receivers"] = {"otlp": {"http": {"endpoint": endpoint}}, "zipkin": {"endpoint": endpoint}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [*TAILGATE, "run", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"tailgate: cannot start: receiver endpoint {endpoint} is in use" in result.stderr

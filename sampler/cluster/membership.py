@@ -113,8 +113,11 @@ class RedisMembership:
         self._running = False
         # After Redis comes back, or lost this member's key while it answered (flushed, evicted, failed
         # over), members missing from it are kept until then (loop time): Redis is without their keys
-        # until each member's next heartbeat, and the view should not flap meanwhile.
+        # until each member's next heartbeat, and the view should not flap meanwhile. Each is kept only
+        # while it was seen within `timeout` (loop time of the last read that found it, or of the
+        # reconnection), so that a member that died meanwhile is dropped however long the hold goes on.
         self._hold_until = 0.0
+        self._last_seen: dict[str, float] = {}
         self._last_error = ""
         self._last_error_is_auth = False
         self._log = LogThrottle()
@@ -269,17 +272,22 @@ class RedisMembership:
         except (RedisError, OSError) as error:
             self._failed("renewing and reading the members" if renew else "reading the members", error)
             return False
+        now = asyncio.get_running_loop().time()
         if (announce or lost) and not self._starting:
-            self._hold_until = asyncio.get_running_loop().time() + self.config.timeout
-        if lost and not announce and not self._starting:
+            self._hold_until = now + self.config.timeout
+            if announce:  # what happened while Redis was away is not known: each gets `timeout` from now
+                self._last_seen.update(dict.fromkeys(self.members, now))
+        if lost and not announce and not self._starting and self._log.allow():
             log.warning(
                 "cluster membership: Redis at %s lost this member's key (%s) although it answered "
-                "(flushed, keys evicted, or failed over); registered again, keeping the last known "
-                "members for %gs",
+                "(flushed, keys evicted, or failed over); registered again, keeping the members seen in "
+                "the last %gs (%d similar messages suppressed)",
                 self._address,
                 self.member_id,
                 self.config.timeout,
+                self._log.take_suppressed(),
             )
+        self._last_seen.update(dict.fromkeys(found, now))
         self.connected = True
         self._update(found)
         return True
@@ -327,8 +335,11 @@ class RedisMembership:
 
     def _update(self, found: set[str]) -> None:
         found.add(self.member_id)
-        if asyncio.get_running_loop().time() < self._hold_until:
-            found.update(self.members)
+        now = asyncio.get_running_loop().time()
+        if now < self._hold_until:
+            seen = self._last_seen
+            found.update(m for m in self.members if now - seen.get(m, now) < self.config.timeout)
+        self._last_seen = {member: self._last_seen.get(member, now) for member in found}
         members = tuple(sorted(found))
         if members == self.members:
             return

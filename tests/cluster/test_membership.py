@@ -480,3 +480,39 @@ async def test_member_keys_lost_while_redis_answers_drop_no_live_member(
     assert views == [], f"live members dropped and added back: {views}"
     assert await member_keys(redis_server.address) == {f"test:member:{member_id}" for member_id in IDS}
     assert "lost this member's key" in caplog.text
+
+
+async def lose_member_keys(redis_server: RedisServer, period: float) -> None:
+    """Every `period` seconds, delete every member key, as a Redis under steady memory pressure with a
+    volatile-* maxmemory-policy evicts its shortest-lived keys."""
+    host, port = redis_server.address.rsplit(":", 1)
+    admin = Redis(host=host, port=int(port))
+    try:
+        while True:
+            await asyncio.sleep(period)
+            keys = [key async for key in admin.scan_iter(match="test:member:*")]
+            if keys:
+                await admin.delete(*keys)
+    finally:
+        await admin.aclose()
+
+
+async def test_a_crashed_member_is_dropped_while_redis_keeps_losing_keys(
+    redis_server: RedisServer, start_member: MemberFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Live members' keys are lost every 0.5 s (timeout 1 s) and registered again; the crashed member's
+    key is gone for good. Holding the members on each loss kept it in every ring for ever; it is dropped
+    once not seen for `timeout`. The warning of a lost key goes out once per throttle period, not at
+    every heartbeat."""
+    members = [await start_member(member_id) for member_id in IDS]
+    await eventually(all_see(members, IDS), what="all three see each other")
+    await members[2].abandon()  # kill -9
+    losing = asyncio.create_task(lose_member_keys(redis_server, 0.5))
+    try:
+        await eventually(all_see(members[:2], IDS[:2]), timeout=8.0, what="the crashed member dropped")
+        await asyncio.sleep(2.0)
+        assert all_see(members[:2], IDS[:2])()  # and the live ones stay
+    finally:
+        losing.cancel()
+    warnings = [record for record in caplog.records if "lost this member's key" in record.getMessage()]
+    assert 1 <= len(warnings) <= 2 * 2  # two members, each throttled (one per 5 s)
