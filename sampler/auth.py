@@ -20,19 +20,23 @@ AUTHORIZATION = "authorization"
 BEARER_CHALLENGE = "Bearer"
 
 # How a receiver reads a request header (HTTP) or metadata key (gRPC, lower case) by its lower-case name.
-HeaderLookup = Callable[[str], str | None]
+# grpc gives the values of `-bin` keys as bytes.
+HeaderLookup = Callable[[str], str | bytes | None]
 
 
-def _digest(value: str) -> bytes:
+def _digest(value: str | bytes) -> bytes:
     # Compared as digests: equal length whatever was sent, so the comparison time says nothing of the token.
-    return hashlib.sha256(value.encode()).digest()
+    # aiohttp hands header bytes that are not UTF-8 over surrogate-escaped: encoded back as they came.
+    data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(data).digest()
 
 
 def _digests(values: Iterable[SecretStr]) -> tuple[bytes, ...]:
-    return tuple(_digest(value.get_secret_value()) for value in values)
+    # Stripped as what clients present is: a token read from a file with its newline still matches.
+    return tuple(_digest(value.get_secret_value().strip()) for value in values)
 
 
-def _matches(presented: str, accepted: tuple[bytes, ...]) -> bool:
+def _matches(presented: str | bytes, accepted: tuple[bytes, ...]) -> bool:
     digest = _digest(presented)
     matched = False
     for candidate in accepted:
@@ -65,6 +69,8 @@ class Authenticator:
             authorization = lookup(AUTHORIZATION)
             if authorization is not None:
                 presented = True
+                if isinstance(authorization, bytes):  # not from grpc (a `-bin` key only), but typed so
+                    authorization = authorization.decode("utf-8", "surrogateescape")
                 scheme, _, token = authorization.strip().partition(" ")
                 if scheme.lower() == "bearer" and _matches(token.strip(), self._tokens):
                     return None

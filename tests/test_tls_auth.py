@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+import requests
 import trustme
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -688,3 +689,62 @@ async def test_secrets_stay_out_of_logs_and_metrics_on_every_failure_path(
     print(
         f"\nsecrets: {len(caplog.records)} log records, {len(exposed)} bytes of /metrics scanned: none found"
     )
+
+
+def blocking_post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    """POST with `requests`, as the OTel SDK's OTLP/HTTP exporter does: header values go on the wire as
+    Latin-1, so "é" is the byte 0xE9, not UTF-8."""
+    reply = requests.post(url, data=body, headers=headers, timeout=5)
+    return reply.status_code, reply.content
+
+
+@pytest.mark.parametrize("protocol", ["otlp_http", "zipkin"])
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+async def test_credentials_that_are_not_utf8_are_refused_with_401(
+    start: GatewayFactory, downstream: Downstream, protocol: str, header: str
+) -> None:
+    """Header bytes that are not UTF-8 reach the check surrogate-escaped; encoding them failed with a 500
+    (and a traceback per request), uncounted."""
+    auth = {"bearer_tokens": [TOKEN], "header": "X-API-Key", "header_values": [API_KEY]}
+    gateway = await start(secured_config(downstream, protocol, auth=auth))
+    url = f"http://127.0.0.1:{port_of(gateway)}{PATHS[protocol]}"
+    body = make_request(1, 1).SerializeToString() if protocol == "otlp_http" else b"[]"
+    content_type = "application/x-protobuf" if protocol == "otlp_http" else "application/json"
+    value = "Bearer t\u00f6k" if header == "authorization" else "k\u00e9y"
+    status, reply = await asyncio.to_thread(
+        blocking_post, url, body, {"Content-Type": content_type, header: value}
+    )
+    assert status == 401, reply
+    assert metric(gateway, REFUSED, protocol=protocol, reason="unauthenticated") == 1
+    if protocol == "otlp_http":
+        assert Status.FromString(reply).code == 16
+
+
+async def test_a_grpc_auth_header_ending_in_bin_is_checked(
+    start: GatewayFactory, downstream: Downstream
+) -> None:
+    """grpc gives the value of a `-bin` metadata key as bytes: the check raised, and every call ended with
+    UNKNOWN, right key or wrong."""
+    auth = {"header": "x-api-key-bin", "header_values": [API_KEY]}
+    gateway = await start(secured_config(downstream, "otlp_grpc", auth=auth))
+    body = make_request(1, 1).SerializeToString()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port_of(gateway)}") as channel:
+        export = channel.unary_unary(EXPORT)
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await export(body, timeout=5, metadata=(("x-api-key-bin", WRONG_API_KEY.encode()),))
+        assert wrong.value.code() is grpc.StatusCode.UNAUTHENTICATED, wrong.value.details()
+        assert await export(body, timeout=5, metadata=(("x-api-key-bin", API_KEY.encode()),)) == b""
+
+
+async def test_a_token_configured_with_a_trailing_newline_matches(
+    start: GatewayFactory, downstream: Downstream
+) -> None:
+    """A secret read from a file often ends with a newline, which HTTP cannot carry: configured tokens
+    are stripped as presented ones are (it could never match)."""
+    gateway = await start(secured_config(downstream, "otlp_http", auth={"bearer_tokens": [f"{TOKEN}\n"]}))
+    url = f"http://127.0.0.1:{port_of(gateway)}/v1/traces"
+    headers = {"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {TOKEN}"}
+    status, reply = await asyncio.to_thread(
+        blocking_post, url, make_request(1, 1).SerializeToString(), headers
+    )
+    assert status == 200, reply
