@@ -420,7 +420,7 @@ class WALConfig(Model):
     # When a reply waits for the disk: `always` fsyncs before answering (group commit), `batch` at most
     # every 100 ms in the background, `never` leaves it to the OS (still safe against a killed process).
     fsync: Literal["always", "batch", "never"] = "batch"
-    # Beyond this on disk, receivers refuse requests (429 / RESOURCE_EXHAUSTED) until exports catch up.
+    # Beyond this on disk, receivers refuse requests (503 / UNAVAILABLE) until exports catch up.
     max_bytes: Count = 1 << 30
     segment_bytes: Count = 64 << 20
     # How often decided and exported traces are checkpointed and their segments deleted.

@@ -172,6 +172,9 @@ class WriteAheadLog:
         exporters: Sequence[Exporter],
     ) -> None:
         self.config = config
+        # Segments are cut at segment_bytes, or at a quarter of max_bytes when smaller: only closed
+        # segments are deleted, so a full log must have some to free once exports catch up.
+        self._segment_bytes = max(1, min(config.segment_bytes, config.max_bytes // 4))
         self.directory = Path(config.directory)
         self.buffer = buffer
         self.decisions = decisions
@@ -351,7 +354,7 @@ class WriteAheadLog:
         self.bytes += size
         if self.config.fsync != "never":
             self._written.set()
-        if segment.size >= self.config.segment_bytes:
+        if segment.size >= self._segment_bytes:
             self._close_for_writing(segment)
         return segment
 
@@ -381,7 +384,9 @@ class WriteAheadLog:
     def _close_torn(self, segment: Segment) -> None:
         """After a failed write: no more appends to `segment`, whose torn tail a restart skips."""
         with contextlib.suppress(OSError):
-            segment.size = os.fstat(segment.fd).st_size
+            size = os.fstat(segment.fd).st_size
+            self.bytes += size - segment.size  # what a short write left on disk counts, and is freed
+            segment.size = size
         self._close_for_writing(segment)
 
     # -- syncing ------------------------------------------------------------------------------------------
@@ -472,7 +477,10 @@ class WriteAheadLog:
             bound = self._pending.popleft()[0]
         if bound is not None and bound > self.checkpoint:
             self._write_checkpoint(bound)
-            self._delete_below(bound)
+        # Also segments a crash left between writing a checkpoint and deleting what it passed.
+        oldest = self._segments[0] if self._segments else None
+        if oldest is not None and oldest is not self._active and oldest.max_seq < self.checkpoint:
+            self._delete_below(self.checkpoint)
 
     def _write_decisions_safely(self) -> None:
         try:

@@ -288,6 +288,62 @@ def new_log(directory: Path) -> tuple[WriteAheadLog, DecisionCache]:
     return WriteAheadLog(config, Metrics(), buffer, decisions, []), decisions
 
 
+async def test_segments_left_by_a_kill_during_a_checkpoint_are_deleted_after_the_restart(
+    tmp_path: Path,
+) -> None:
+    """Killed after the checkpoint was written and before the segments it passed were deleted: they were
+    deleted only when the checkpoint moved again, which needs a request, and a full log takes none."""
+
+    def small_log() -> WriteAheadLog:
+        decisions = DecisionCache(100, 100)
+        buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, lambda: 0.0)
+        config = WALConfig(directory=str(tmp_path), fsync="never", segment_bytes=1000, max_bytes=2000)
+        return WriteAheadLog(config, Metrics(), buffer, decisions, [])
+
+    wal = small_log()
+    await wal.open()
+    number = 0
+    while not wal.full:
+        number += 1
+        wal.append_request(request_of(number).SerializeToString())
+    assert len(segments(tmp_path)) >= 2
+    wal._write_checkpoint(wal.next_seq)  # everything decided and exported ...
+    crash(wal)  # ... and killed before the segments below the checkpoint were deleted
+    again = small_log()
+    assert (await again.open()).requests == []
+    again.advance()
+    assert not again.full
+    again.append_request(request_of(number + 1).SerializeToString())
+    crash(again)
+
+
+async def test_a_short_write_counts_in_the_log_size(tmp_path: Path) -> None:
+    """What a write the disk had room for in part left in the torn segment counts in `bytes` (the
+    tailgate_wal_bytes gauge, held against max_bytes) until the segment is deleted: it was left out, and
+    subtracted when the segment went, so the gauge drifted low, below zero."""
+    wal, _ = new_log(tmp_path)
+    await wal.open()
+    body = request_of(1).SerializeToString()
+    wal.append_request(body)
+    assert wal._active is not None
+    size = wal._active.size
+    # Room for half of the next record only: a file size limit.
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + len(body) // 2, hard))
+    try:
+        with pytest.raises(WALError, match="short write"):
+            wal.append_request(body)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    wal.append_request(body)  # to a new segment
+    assert wal.bytes == sum(path.stat().st_size for path in segments(tmp_path))
+    wal.advance()  # nothing buffered, no exporter: everything checkpointed, the torn segment deleted
+    assert wal.bytes == sum(path.stat().st_size for path in segments(tmp_path))
+    await wal.close()
+
+
 async def test_a_torn_or_damaged_record_is_skipped_and_the_rest_replayed(tmp_path: Path) -> None:
     wal, decisions = new_log(tmp_path)
     await wal.open()
@@ -569,12 +625,18 @@ async def test_a_failed_write_refuses_the_request_and_the_next_goes_to_a_new_seg
     assert refused == 1
 
 
+# segment_bytes over max_bytes (the default, 64 MiB): the one segment was the active one, never deleted,
+# and the log refused every request for good.
+@pytest.mark.parametrize("segment_bytes", [1000, None])
 async def test_a_full_log_refuses_with_retry_after_until_exports_catch_up(
-    start_gateway: GatewayFactory, tmp_path: Path
+    start_gateway: GatewayFactory, tmp_path: Path, segment_bytes: int | None
 ) -> None:
     downstream = Downstream()
     await downstream.start(free_port())
-    config = wal_config(downstream.port, tmp_path / "wal", "wal", max_bytes=2000, segment_bytes=1000)
+    sizes = (
+        {"max_bytes": 2000} if segment_bytes is None else {"max_bytes": 2000, "segment_bytes": segment_bytes}
+    )
+    config = wal_config(downstream.port, tmp_path / "wal", "wal", **sizes)
     config["tail_sampling"].update(decision_wait="0.2s", decision_wait_after_root_received="0.1s")
     capture = tmp_path / "capture.jsonl"
     config["capture"] = {"path": str(capture), "batch": {"timeout": "0.02s"}}
