@@ -322,7 +322,14 @@ class Decider:
             if verdicts[index] is Decision.DROPPED:
                 return verdicts
         first_match = self._sample_on_first_match
+        # In config order, a policy evaluated first (a `rules` with a drop rule) that sampled is the first
+        # match for every policy after it: those are not asked.
+        stop = len(evaluators)
+        if first_match:
+            stop = next((i for i in self._drop_first if verdicts[i] is Decision.SAMPLED), stop)
         for index in self._others:
+            if index > stop:
+                break
             try:
                 verdicts[index] = evaluators[index](trace, now)
             except Exception:

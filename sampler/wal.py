@@ -193,6 +193,8 @@ class WriteAheadLog:
         decisions.journal = self._journal
         # Checkpoint candidates: (bound, each exporter's mark then), oldest first.
         self._pending: deque[tuple[int, list[int]]] = deque()
+        # Whether a checkpoint round deleted the segments below the checkpoint since the log was opened.
+        self._swept = False
         self._unsynced: list[int] = []
         self._written = asyncio.Event()
         self._synced_seq = -1
@@ -477,10 +479,13 @@ class WriteAheadLog:
             bound = self._pending.popleft()[0]
         if bound is not None and bound > self.checkpoint:
             self._write_checkpoint(bound)
-        # Also segments a crash left between writing a checkpoint and deleting what it passed.
-        oldest = self._segments[0] if self._segments else None
-        if oldest is not None and oldest is not self._active and oldest.max_seq < self.checkpoint:
             self._delete_below(self.checkpoint)
+        elif not self._swept:
+            # Once after a start: segments a crash left between writing a checkpoint and deleting what it
+            # passed. Not every round: carried decisions are written below the checkpoint, and would be
+            # deleted and written again in each.
+            self._delete_below(self.checkpoint)
+        self._swept = True
 
     def _write_decisions_safely(self) -> None:
         try:

@@ -309,3 +309,48 @@ def test_keep_probability_is_the_one_the_trace_was_decided_with_in_a_batch() -> 
             if isinstance(kept, Kept) and kept.probability != at_decision[trace_id]:
                 wrong.append((at_decision[trace_id], kept.probability))
     assert wrong == []
+
+
+def test_a_first_match_by_a_rules_policy_evaluated_first_ends_the_evaluation() -> None:
+    """A `rules` policy with a drop rule is evaluated first; under sample_on_first_match its keep is still
+    the first match, and the rate_limiting policy after it is not asked (nor charged)."""
+    never = {"field": "name", "operator": "=", "value": "no-such-span"}
+    specs = [
+        {
+            "name": "rules",
+            "type": "rules",
+            "rules": {
+                "rules": [
+                    {"name": "never", "action": "drop", "conditions": [never]},
+                    {"name": "all", "action": "keep"},
+                ]
+            },
+        },
+        {
+            "name": "limit",
+            "type": "rate_limiting",
+            "rate_limiting": {"spans_per_second": 1, "burst_capacity": 4},
+        },
+    ]
+    policies = build_policies(specs, "tail_sampling.policies")
+    clock = SimulatedClock()
+    decisions = DecisionCache(1000, 1000)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, clock)
+    decider = Decider(
+        buffer,
+        policies,
+        [RecordingExporter()],
+        decisions,
+        Metrics(),
+        clock,
+        0.05,
+        True,
+        sample_on_first_match=True,
+    )
+    buffer.connect(decider.decide_safely, decider.forward_late)
+    trace_ids = [bytes([number + 1]) * 16 for number in range(5)]
+    buffer.add_spans(decode_protobuf(request_for(trace_ids, 2).SerializeToString()))
+    clock.now += 100
+    decider.decide(buffer.pop_due(clock.now, 1000))
+    assert all(getattr(decisions.lookup(trace_id), "policy", None) == "rules" for trace_id in trace_ids)
+    assert policies[1].bucket.tokens == 4  # type: ignore[attr-defined]

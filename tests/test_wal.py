@@ -317,6 +317,28 @@ async def test_segments_left_by_a_kill_during_a_checkpoint_are_deleted_after_the
     crash(again)
 
 
+async def test_an_idle_log_does_not_write_its_carried_decisions_again_and_again(tmp_path: Path) -> None:
+    """Kept decisions still cached are carried to a new segment when theirs is deleted, numbered below the
+    checkpoint; deleting below the checkpoint at every round, even one that did not move it, deleted and
+    wrote them again in each round, with no traffic at all."""
+    decisions = DecisionCache(1000, 1000)
+    buffer = TraceBuffer(TailSamplingConfig(), frozenset(), decisions, lambda: 0.0)
+    config = WALConfig(directory=str(tmp_path), fsync="never", segment_bytes=1000, max_bytes=100_000)
+    wal = WriteAheadLog(config, Metrics(), buffer, decisions, [])
+    await wal.open()
+    wal.append_request(request_of(1).SerializeToString())
+    for number in range(200):  # 3200 bytes of kept decisions: over a segment
+        decisions.record(number.to_bytes(16, "big"), Kept("keep", 1.0))
+    wal.append_request(request_of(2).SerializeToString())  # the decisions are written first
+    wal.advance()  # everything decided (nothing buffered, no exporter): checkpointed, segments deleted
+    wal.advance()
+    settled = [path.name for path in segments(tmp_path)]
+    for _ in range(3):  # no traffic from here on
+        wal.advance()
+    assert [path.name for path in segments(tmp_path)] == settled
+    await wal.close()
+
+
 async def test_a_short_write_counts_in_the_log_size(tmp_path: Path) -> None:
     """What a write the disk had room for in part left in the torn segment counts in `bytes` (the
     tailgate_wal_bytes gauge, held against max_bytes) until the segment is deleted: it was left out, and

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,4 +97,8 @@ class FileExporter(BatchingExporter):
         except OSError as error:
             raise ExportError(f"cannot write {self.config.path}: {error.strerror}") from None
         if written != len(line):  # the disk filled up mid-line
+            # The torn part is taken back out, or the next line would be appended to it and neither read
+            # back. (A FIFO cannot be truncated; nothing is left to take back there.)
+            with contextlib.suppress(OSError):
+                os.ftruncate(file.fileno(), file.tell() - (written or 0))
             raise ExportError(f"cannot write {self.config.path}: {written} of {len(line)} bytes written")

@@ -6,6 +6,8 @@ import base64
 import json
 import os
 import re
+import resource
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +177,26 @@ async def test_a_full_disk_at_shutdown_does_not_stop_the_shutdown(metrics: Metri
     exporter.export([make_group(SERVICE, make_trace(1, 2))], 2)
     await eventually(lambda: sample(metrics, "tailgate_exporter_failed_spans_total", NAME) == 2)
     await exporter.shutdown(1)  # closing the file raised OSError out of the gateway's stop
+
+
+async def test_a_line_the_disk_took_part_of_is_taken_back_out(tmp_path: Path, metrics: Metrics) -> None:
+    """The disk has room for part of a line only: that part is truncated away, or the next batch (counted
+    sent) was appended to it and neither line read back as JSON (nor could `simulate` read a capture)."""
+    path = tmp_path / "traces.jsonl"
+    exporter = file_exporter(path, metrics, send_batch_size=2, timeout=0.02)
+    await exporter.start()
+    exporter.export([make_group(SERVICE, make_trace(1, 2))], 2)
+    await eventually(lambda: sample(metrics, "tailgate_exporter_sent_spans_total", NAME) == 2)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 100, hard))  # room for 100 bytes
+    try:
+        exporter.export([make_group(SERVICE, make_trace(2, 2, padding=1000))], 2)
+        await eventually(lambda: sample(metrics, "tailgate_exporter_failed_spans_total", NAME) == 2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    exporter.export([make_group(SERVICE, make_trace(3, 2))], 2)
+    await eventually(lambda: sample(metrics, "tailgate_exporter_sent_spans_total", NAME) == 4)
+    await exporter.shutdown(1)
+    assert spans_in(path) == 4  # two whole lines, each JSON
