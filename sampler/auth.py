@@ -69,7 +69,7 @@ class Authenticator:
             authorization = lookup(AUTHORIZATION)
             if authorization is not None:
                 presented = True
-                if isinstance(authorization, bytes):  # not from grpc (a `-bin` key only), but typed so
+                if isinstance(authorization, bytes):  # only `-bin` keys come as bytes; the type allows it
                     authorization = authorization.decode("utf-8", "surrogateescape")
                 scheme, _, token = authorization.strip().partition(" ")
                 if scheme.lower() == "bearer" and _matches(token.strip(), self._tokens):
