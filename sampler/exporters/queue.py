@@ -46,14 +46,24 @@ def encode_record(body: bytes, span_count: int) -> tuple[bytes, bytes]:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)), payload
 
 
-def decode_record(data: bytes | memoryview, offset: int = 0) -> tuple[int, int, bytes] | None:
-    """(size, span count, body) of the record at `offset`; None if it is damaged or cut short."""
+def _header(data: bytes | memoryview, offset: int) -> tuple[int, int] | None:
+    """(end, payload CRC) of the record at `offset` by its header; None unless the header holds: MAGIC,
+    and a length within `data`."""
     if len(data) - offset < HEADER.size:
         return None
     magic, length, crc = HEADER.unpack_from(data, offset)
-    end = offset + HEADER.size + length
+    end: int = offset + HEADER.size + length
     if magic != MAGIC or end > len(data):
         return None
+    return end, crc
+
+
+def decode_record(data: bytes | memoryview, offset: int = 0) -> tuple[int, int, bytes] | None:
+    """(size, span count, body) of the record at `offset`; None if it is damaged or cut short."""
+    header = _header(data, offset)
+    if header is None:
+        return None
+    end, crc = header
     payload = data[offset + HEADER.size : end]
     if zlib.crc32(payload) != crc:
         return None
@@ -92,15 +102,12 @@ def scan_records(data: bytes) -> tuple[list[tuple[int, int, int]], int]:
 
 
 def _claimed_end(data: bytes, offset: int) -> int | None:
-    """Where the damaged record at `offset` ends by its header, if that header holds: MAGIC, and a
-    length reaching a record's MAGIC or the segment's end. None otherwise."""
-    if len(data) - offset < HEADER.size:
+    """Where the damaged record at `offset` ends by its header, if that header holds and its length
+    reaches a record's MAGIC or the segment's end. None otherwise."""
+    header = _header(data, offset)
+    if header is None or (header[0] < len(data) and not data.startswith(MAGIC, header[0])):
         return None
-    magic, length, _ = HEADER.unpack_from(data, offset)
-    end: int = offset + HEADER.size + length
-    if magic != MAGIC or end > len(data) or (end < len(data) and not data.startswith(MAGIC, end)):
-        return None
-    return end
+    return header[0]
 
 
 def lock_directory(directory: Path, what: str) -> int:
