@@ -34,6 +34,7 @@ from sampler.workers import (
 )
 from tests.conftest import ROOT, TAILGATE, Downstream, free_port, gateway_config, wait_for
 from tests.otlp_data import make_request, send
+from tests.test_outage import admin_port
 
 # A worker as the supervisor sees one. argv: index, runtime directory, events file, mode. Modes: serve;
 # exit2 (fail at start with status 2); fail-first-0 (worker 0's first start exits 2); ignore-term;
@@ -192,7 +193,7 @@ def supervisor_process(tmp_path: Path, mode: str = "serve") -> tuple[list[str], 
     runtime = tmp_path / "runtime"
     runtime.mkdir()
     command = [sys.executable, str(launcher), str(config_path), str(stand_in), str(tmp_path / "events"), mode]
-    return command, int(config["admin"]["endpoint"].rsplit(":", 1)[1]), runtime
+    return command, admin_port(config), runtime
 
 
 def popen(command: list[str], runtime: Path, **options: Any) -> subprocess.Popen[bytes]:
@@ -503,7 +504,7 @@ def gateway_process(tmp_path: Path, config: dict[str, Any]) -> tuple[subprocess.
         process = subprocess.Popen(
             [*TAILGATE, "run", "--config", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr
         )
-    return process, log, int(config["admin"]["endpoint"].rsplit(":", 1)[1])
+    return process, log, admin_port(config)
 
 
 async def stop_gateway(process: subprocess.Popen[bytes], timeout: float = 30) -> int:

@@ -349,8 +349,7 @@ async def test_a_crashed_member_is_dropped_while_only_pubsub_fails(
     """Redis answers every command but pub/sub fails: the wake-ups are lost, not the heartbeat's reads,
     so a crashed member's key expires and the others drop it (a pub/sub failure taken for Redis being
     away started a grace period after each failure, which kept it in every ring)."""
-    host, port = redis_server.address.rsplit(":", 1)
-    admin = Redis(host=host, port=int(port))
+    admin = Redis(host="127.0.0.1", port=redis_server.port)
     options: dict[str, object] = {}
     if how == "subscribe_refused":
         # Every command a member uses works (SET, PUBLISH, SCAN, DEL) but SUBSCRIBE.
@@ -432,7 +431,7 @@ async def test_a_pubsub_connection_gone_silent_is_replaced(
     works): pinged while quiet and unanswered for `timeout`, it is replaced, and a leave is again seen at
     once rather than at the member's next heartbeat."""
     heartbeat, timeout = 1.0, 1.5
-    proxy = BlackHoleProxy(int(redis_server.address.rsplit(":", 1)[1]))
+    proxy = BlackHoleProxy(redis_server.port)
     proxy_port = await proxy.start()
     try:
         watched = await start_member(
@@ -469,8 +468,7 @@ async def test_member_keys_lost_while_redis_answers_drop_no_live_member(
     views: list[tuple[str, ...]] = []
     for member in members:
         member.subscribe(views.append)
-    host, port = redis_server.address.rsplit(":", 1)
-    admin = Redis(host=host, port=int(port))
+    admin = Redis(host="127.0.0.1", port=redis_server.port)
     try:
         await admin.flushdb()
     finally:
@@ -485,8 +483,7 @@ async def test_member_keys_lost_while_redis_answers_drop_no_live_member(
 async def lose_member_keys(redis_server: RedisServer, period: float) -> None:
     """Every `period` seconds, delete every member key, as a Redis under steady memory pressure with a
     volatile-* maxmemory-policy evicts its shortest-lived keys."""
-    host, port = redis_server.address.rsplit(":", 1)
-    admin = Redis(host=host, port=int(port))
+    admin = Redis(host="127.0.0.1", port=redis_server.port)
     try:
         while True:
             await asyncio.sleep(period)
